@@ -1,0 +1,39 @@
+"""HAT (Hierarchical Alignment Transformers) for image-text retrieval: encoders, scorer, checkpoints.
+
+Public API (see README "Python API"):
+
+* :func:`load_model` / :func:`save_model`: the authors' Lightning ``.ckpt`` files and the project's format.
+* :class:`HATModel`: ``encode_images``, ``encode_texts``, ``similarity``.
+* :func:`preprocess_image`, :func:`load_image`: decoding and the authors' eval transform.
+* :class:`HATTokenizer`: uncased BERT WordPiece, ``[CLS] ... [SEP]``, at most 32 tokens.
+* :mod:`model.alignment`: ``scan_i2t``, ``scan_t2i``, ``hierarchical_similarity``.
+"""
+
+from .alignment import hierarchical_similarity, scan_i2t, scan_t2i
+from .checkpoint import load_model, save_model
+from .config import HATConfig, SwinConfig, TextConfig
+from .errors import CheckpointError, HATError, ImageDecodeError, TokenizerError, UnsafeCheckpointError
+from .hat import HATModel
+from .preprocess import load_image, preprocess_image
+from .tokenizer import HATTokenizer, TokenBatch
+
+__all__ = [
+    "CheckpointError",
+    "HATConfig",
+    "HATError",
+    "HATModel",
+    "HATTokenizer",
+    "ImageDecodeError",
+    "SwinConfig",
+    "TextConfig",
+    "TokenBatch",
+    "TokenizerError",
+    "UnsafeCheckpointError",
+    "hierarchical_similarity",
+    "load_image",
+    "load_model",
+    "preprocess_image",
+    "save_model",
+    "scan_i2t",
+    "scan_t2i",
+]

