@@ -40,6 +40,8 @@ FORMAT_VERSION = 1
 CONFIG_FILENAME = "config.json"
 WEIGHTS_FILENAME = "model.safetensors"
 _SAVE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# torch.save's legacy (non-zip) format starts with a protocol-2 pickle of a magic number.
+_LEGACY_MAGIC = b"\x80\x02\x8a\x0a"
 
 
 def _file_digest(path: Path) -> str:
@@ -62,6 +64,10 @@ def read_authors_checkpoint(
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    with path.open("rb") as handle:
+        head = handle.read(4)
+    if not (zipfile.is_zipfile(path) or head == _LEGACY_MAGIC or head[:2] == b"PK"):
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint (neither a torch zip archive nor a legacy file)")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -71,13 +77,14 @@ def read_authors_checkpoint(
             raise UnsafeCheckpointError(
                 f"{path} contains Python objects that need full unpickling, which can run arbitrary code. "
                 "If you trust this file, opt in with allow_unsafe_pickle=True (CLI: --allow-unsafe-pickle). "
-                f"Detail: {_first_line(exc)}"
+                f"Detail: {_unsafe_detail(exc)}"
             ) from exc
         logger.warning("loading %s with full unpickling (allow_unsafe_pickle=True)", path)
         obj = _load_unsafe(path)
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): "
-                              f"{_first_line(exc)}") from exc
+        raise CheckpointError(
+            f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {_first_line(exc)}"
+        ) from exc
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a checkpoint dictionary")
     state_dict = obj.get("state_dict", obj)
@@ -97,6 +104,14 @@ def _load_unsafe(path: Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # any failure of an arbitrary pickle is reported the same way
         raise CheckpointError(f"{path} could not be unpickled: {_first_line(exc)}") from exc
+
+
+def _unsafe_detail(exc: BaseException) -> str:
+    """The line of torch's weights-only error that names the offending object."""
+    for line in str(exc).splitlines():
+        if "Unsupported" in line or "global" in line.lower() or "Can only" in line:
+            return line.strip()
+    return _first_line(exc)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -137,7 +152,10 @@ def _load_authors(path: Path, allow_unsafe_pickle: bool, text_heads: int | None)
     if tokenizer.vocab_size > vocab_size:
         logger.warning(
             "%s: text encoder has %d token embeddings but the uncased BERT vocabulary has %d; "
-            "tokenising arbitrary text will fail", path, vocab_size, tokenizer.vocab_size,
+            "tokenising arbitrary text will fail",
+            path,
+            vocab_size,
+            tokenizer.vocab_size,
         )
     model.tokenizer = tokenizer
     model.identity = _file_digest(path)
@@ -238,9 +256,13 @@ def save_model(model: HATModel, path: str | Path, *, dtype: str = "float32") -> 
             "tokenizer": tokenizer.to_config(),
         }
         (tmp / CONFIG_FILENAME).write_text(json.dumps(meta, indent=2) + "\n")
+        umask = os.umask(0)
+        os.umask(umask)
         for item in tmp.iterdir():
+            item.chmod(0o666 & ~umask)  # mkdtemp and safetensors create owner-only files
             with item.open("rb") as handle:
                 os.fsync(handle.fileno())
+        tmp.chmod(0o777 & ~umask)
         old = None
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")

@@ -101,9 +101,7 @@ class HATModel(nn.Module):
         self.text_encoder = TextEncoder(config.text, config.text_layers)
         dims = config.image.stage_dims()
         self.image_proj = nn.ModuleList(nn.Linear(dims[s], config.embed_dim) for s in config.image_stages)
-        self.text_proj = nn.ModuleList(
-            nn.Linear(config.text.hidden_size, config.embed_dim) for _ in config.text_layers
-        )
+        self.text_proj = nn.ModuleList(nn.Linear(config.text.hidden_size, config.embed_dim) for _ in config.text_layers)
         self.tokenizer = None  # a model.tokenizer.HATTokenizer, attached by the loaders
 
     @property
