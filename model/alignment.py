@@ -67,6 +67,24 @@ def region_norms(images: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(images.float(), dim=-1)
 
 
+def _softmax(logits: torch.Tensor, valid: torch.Tensor | None, dim: int, lambda_softmax: float) -> torch.Tensor:
+    """Softmax of ``lambda * logits`` over ``dim``; ``valid`` (broadcastable bool) masks entries out.
+
+    ``logits`` are L2-normalised similarities, so ``|lambda * logits| <= lambda``: for moderate lambda the
+    exponentials cannot overflow and the max-subtraction pass of ``torch.softmax`` (slow on CPU for short
+    strided rows) is skipped.
+    """
+    if lambda_softmax > 60:
+        scaled = logits * lambda_softmax
+        if valid is not None:
+            scaled = scaled.masked_fill(~valid, float("-inf"))
+        return torch.softmax(scaled, dim=dim)
+    weights = torch.exp(logits * lambda_softmax)
+    if valid is not None:
+        weights = weights * valid
+    return weights / weights.sum(dim=dim, keepdim=True)
+
+
 def _pair_scores(
     images: torch.Tensor,
     texts: torch.Tensor,
@@ -75,41 +93,47 @@ def _pair_scores(
     direction: str,
     image_norms: torch.Tensor,
 ) -> torch.Tensor:
-    """Scores of one chunk: images ``[n, R, D]`` x texts ``[m, L, D]`` -> ``[n, m]`` float32."""
+    """Scores of one chunk: images ``[n, R, D]`` x texts ``[m, L, D]`` -> ``[n, m]`` float32.
+
+    Intermediate tensors are laid out ``[n, R, m, L]``: the layout the single matrix product produces, so
+    nothing is permuted or copied.
+    """
     n, regions, dim = images.shape
     m, words, _ = texts.shape
     mm_dtype = _matmul_dtype(images)
     xi = images.to(mm_dtype)
     tt = texts.to(mm_dtype)
-    # S[i, j, r, w] = x_r(i) . t_w(j): one [n*R, D] x [D, m*L] product for the whole chunk.
-    sim = (xi.reshape(n * regions, dim) @ tt.reshape(m * words, dim).T).float()
-    sim = sim.view(n, regions, m, words).permute(0, 2, 1, 3)  # [n, m, R, L]
-    valid = torch.arange(words, device=texts.device)[None, :] < lengths[:, None]  # [m, L]
-    valid4 = valid[None, :, None, :]
-    act = F.leaky_relu(sim, LEAKY_SLOPE) * valid4
+    # S[i, r, j, w] = x_r(i) . t_w(j): one [n*R, D] x [D, m*L] product for the whole chunk.
+    sim = (xi.reshape(n * regions, dim) @ tt.reshape(m * words, dim).T).float().view(n, regions, m, words)
+    valid = (torch.arange(words, device=texts.device)[None, :] < lengths[:, None])[None, None]  # [1, 1, m, L]
+    all_valid = bool(valid.all())
+    act = F.leaky_relu(sim, LEAKY_SLOPE)
+    if not all_valid:
+        act = act * valid
     if direction == "i2t":
         # Normalise over regions for each word, softmax over the caption's words.
-        act = act / (torch.linalg.vector_norm(act, dim=2, keepdim=True) + EPS)
-        attn = torch.softmax((act * lambda_softmax).masked_fill(~valid4, float("-inf")), dim=3)
-        dots = (attn * sim).sum(dim=3)  # [n, m, R] = x_r . c_r
+        act = act / (torch.linalg.vector_norm(act, dim=1, keepdim=True) + EPS)
+        attn = _softmax(act, None if all_valid else valid, 3, lambda_softmax)
+        dots = (attn * sim).sum(dim=3)  # [n, R, m] = x_r . c_r
         gram = (tt @ tt.transpose(1, 2)).float()  # [m, L, L]
-        ctx_sq = ((attn @ gram[None]) * attn).sum(dim=3)  # a_r^T G a_r
-        cos = dots / (image_norms[:, None, :] * ctx_sq.clamp_min(0).sqrt()).clamp_min(EPS)
-        return cos.mean(dim=2)
+        ctx_sq = (torch.einsum("irjw,jwv->irjv", attn, gram) * attn).sum(dim=3)  # a_r^T G a_r
+        cos = dots / (image_norms[:, :, None] * ctx_sq.clamp_min(0).sqrt()).clamp_min(EPS)
+        return cos.mean(dim=1)
     # t2i: normalise over words for each region, softmax over regions.
     act = act / (torch.linalg.vector_norm(act, dim=3, keepdim=True) + EPS)
-    attn = torch.softmax(act * lambda_softmax, dim=2)  # [n, m, R, L], sums to 1 over R
-    dots = (attn * sim).sum(dim=2)  # [n, m, L] = t_w . c_w
-    attn_t = attn.transpose(2, 3)  # [n, m, L, R]
+    attn = _softmax(act, None, 1, lambda_softmax)  # [n, R, m, L], sums to 1 over R
+    dots = (attn * sim).sum(dim=1)  # [n, m, L] = t_w . c_w
+    flat = attn.reshape(n, regions, m * words)
     if regions <= dim:
         gram = (xi @ xi.transpose(1, 2)).float()  # [n, R, R]
-        ctx_sq = ((attn_t @ gram[:, None]) * attn_t).sum(dim=3)
+        ctx_sq = ((gram @ flat) * flat).sum(dim=1)  # [n, m*L]
     else:
-        ctx = attn_t.to(mm_dtype) @ xi[:, None]  # [n, m, L, D]
-        ctx_sq = torch.linalg.vector_norm(ctx.float(), dim=3).square()
+        ctx = flat.transpose(1, 2).to(mm_dtype) @ xi  # [n, m*L, D]
+        ctx_sq = torch.linalg.vector_norm(ctx.float(), dim=2).square()
     text_norms = torch.linalg.vector_norm(texts.float(), dim=2)  # [m, L]
-    cos = dots / (text_norms[None] * ctx_sq.clamp_min(0).sqrt()).clamp_min(EPS)
-    cos = cos * valid[None]
+    cos = dots / (text_norms[None] * ctx_sq.view(n, m, words).clamp_min(0).sqrt()).clamp_min(EPS)
+    if not all_valid:
+        cos = cos * valid[0]
     return cos.sum(dim=2) / lengths[None].float()
 
 

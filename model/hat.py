@@ -9,6 +9,7 @@ from torch import nn
 
 from .alignment import hierarchical_similarity
 from .config import HATConfig, SwinConfig, TextConfig
+from .errors import TokenizerError
 
 
 class ImageEncoder(nn.Module):
@@ -115,6 +116,17 @@ class HATModel(nn.Module):
 
     def encode_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[torch.Tensor]:
         """``[B, L]`` token ids and mask -> per level ``[B, L, D]`` (padding positions included)."""
+        vocab = self.config.text.vocab_size
+        if input_ids.numel() and (int(input_ids.max()) >= vocab or int(input_ids.min()) < 0):
+            raise TokenizerError(
+                f"token ids must lie in [0, {vocab}) for this text encoder, got {int(input_ids.min())}.."
+                f"{int(input_ids.max())}: the tokenizer's vocabulary does not match the model"
+            )
+        if input_ids.shape[1] > self.config.text.max_position_embeddings:
+            raise TokenizerError(
+                f"{input_ids.shape[1]} tokens exceed the text encoder's "
+                f"{self.config.text.max_position_embeddings} positions"
+            )
         feats = self.text_encoder(input_ids, attention_mask)
         return [proj(f) for proj, f in zip(self.text_proj, feats, strict=True)]
 

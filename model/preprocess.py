@@ -80,12 +80,14 @@ def load_image(
     name = str(source) if isinstance(source, (str, Path)) else "uploaded data"
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # Our own max_pixels check below replaces Pillow's warning; its hard error (2x) still applies.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(source)
             width, height = image.size
             if width * height > max_pixels:
                 raise ImageDecodeError(
-                    f"{name}: image is {width}x{height} = {width * height} pixels, above the limit of {max_pixels}"
+                    f"{name}: refused as a decompression bomb: {width}x{height} = {width * height} pixels, "
+                    f"above the limit of {max_pixels}"
                 )
             image.seek(0)  # first frame of animations
             image.load()
@@ -94,7 +96,7 @@ def load_image(
         raise
     except FileNotFoundError as exc:
         raise ImageDecodeError(f"{name}: file not found") from exc
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+    except Image.DecompressionBombError as exc:
         raise ImageDecodeError(f"{name}: refused as a decompression bomb ({exc})") from exc
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         # Pillow signals unidentified, truncated and corrupt data with these.

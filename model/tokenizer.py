@@ -47,7 +47,7 @@ class HATTokenizer:
     """
 
     def __init__(self, vocab_file: str | Path | None = None, max_length: int = 32, lowercase: bool = True) -> None:
-        from transformers import BertTokenizerFast
+        from tokenizers import BertWordPieceTokenizer
 
         self.vocab_file = Path(vocab_file) if vocab_file is not None else default_vocab_path()
         if not self.vocab_file.is_file():
@@ -56,11 +56,14 @@ class HATTokenizer:
             raise TokenizerError(f"max_length must be at least 2 ([CLS] and [SEP]), got {max_length}")
         self.max_length = max_length
         self.lowercase = lowercase
-        self._tok = BertTokenizerFast(vocab_file=str(self.vocab_file), do_lower_case=lowercase)
+        # BERT's basic tokenizer + WordPiece: lower-cases and strips accents when lowercase=True.
+        self._tok = BertWordPieceTokenizer(str(self.vocab_file), lowercase=lowercase)
+        self._tok.enable_truncation(max_length=max_length)
+        self._tok.enable_padding(pad_id=self._tok.token_to_id("[PAD]") or 0, pad_token="[PAD]")
 
     @property
     def vocab_size(self) -> int:
-        return self._tok.vocab_size
+        return self._tok.get_vocab_size()
 
     def __call__(self, texts: Sequence[str]) -> TokenBatch:
         """Tokenise captions -> :class:`TokenBatch`; longer captions are truncated to ``max_length``."""
@@ -68,16 +71,10 @@ class HATTokenizer:
             raise TokenizerError("texts must be a sequence of strings")
         if len(texts) == 0:
             raise TokenizerError("texts is empty")
-        enc = self._tok(
-            list(texts),
-            padding="longest",
-            truncation=True,
-            max_length=self.max_length,
-            return_tensors="pt",
-            return_token_type_ids=False,
-        )
-        mask = enc["attention_mask"].long()
-        return TokenBatch(enc["input_ids"].long(), mask, mask.sum(dim=1))
+        encodings = self._tok.encode_batch(list(texts))
+        ids = torch.tensor([e.ids for e in encodings], dtype=torch.long)
+        mask = torch.tensor([e.attention_mask for e in encodings], dtype=torch.long)
+        return TokenBatch(ids, mask, mask.sum(dim=1))
 
     def save(self, directory: str | Path) -> None:
         """Copy the vocabulary into ``directory`` (the project's model format)."""

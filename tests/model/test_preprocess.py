@@ -1,0 +1,126 @@
+"""Image decoding and preprocessing: every image mode, EXIF rotation, and bad data."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from model import ImageDecodeError, load_image, preprocess_image
+from model.preprocess import to_rgb
+
+
+def encode(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, fmt, **kwargs)
+    return buf.getvalue()
+
+
+def gradient(width=300, height=200) -> Image.Image:
+    y, x = np.mgrid[0:height, 0:width]
+    rgb = np.stack([x * 255 // width, y * 255 // height, (x + y) % 256], axis=-1).astype(np.uint8)
+    return Image.fromarray(rgb, "RGB")
+
+
+def test_output_shape_and_normalisation():
+    tensor = preprocess_image(Image.new("RGB", (500, 300), (124, 116, 104)), 224)
+    assert tensor.shape == (3, 224, 224) and tensor.dtype == torch.float32
+    # ImageNet mean colour maps to ~0 in every channel.
+    assert tensor.abs().max() < 0.01
+    assert preprocess_image(gradient(), 112).shape == (3, 112, 112)
+
+
+def test_rgba_is_composited_over_white():
+    rgba = Image.new("RGBA", (64, 64), (255, 0, 0, 0))  # fully transparent red
+    assert to_rgb(rgba).getpixel((10, 10)) == (255, 255, 255)
+    half = Image.new("RGBA", (64, 64), (0, 0, 0, 128))
+    assert to_rgb(half).getpixel((10, 10)) == (127, 127, 127)
+    assert to_rgb(Image.new("LA", (8, 8), (0, 0))).getpixel((1, 1)) == (255, 255, 255)
+
+
+def test_palette_with_transparency():
+    pal = Image.new("P", (16, 16), 0)
+    pal.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    pal.putpixel((1, 1), 1)
+    pal.info["transparency"] = 0
+    decoded = load_image(encode(pal))
+    assert decoded.getpixel((0, 0)) == (255, 255, 255)
+    assert decoded.getpixel((1, 1)) == (255, 0, 0)
+
+
+def test_grayscale_and_cmyk():
+    gray = load_image(encode(Image.new("L", (20, 10), 77)))
+    assert gray.mode == "RGB" and gray.getpixel((0, 0)) == (77, 77, 77)
+    cmyk = load_image(encode(Image.new("CMYK", (20, 10), (0, 255, 255, 0)), "JPEG", quality=100))
+    r, g, b = cmyk.getpixel((5, 5))
+    assert r > 240 and g < 15 and b < 15  # pure red
+
+
+def test_sixteen_bit_is_scaled_not_clipped():
+    arr = np.full((10, 10), 32896, dtype=np.uint16)  # mid-grey in 16 bits
+    image = Image.fromarray(arr)
+    assert image.mode.startswith("I;16")
+    decoded = load_image(encode(image))
+    assert decoded.getpixel((0, 0)) == (128, 128, 128)
+
+
+def test_exif_rotation_is_applied():
+    base = gradient(60, 40)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    tagged = load_image(encode(base, "JPEG", quality=95, exif=exif))
+    assert tagged.size == (40, 60)
+    plain = load_image(encode(base, "JPEG", quality=95))
+    expected = plain.transpose(Image.Transpose.ROTATE_270)
+    diff = np.abs(np.asarray(tagged, dtype=int) - np.asarray(expected, dtype=int))
+    assert diff.mean() < 2
+    raw = load_image(encode(base, "JPEG", quality=95, exif=exif), exif_transpose=False)
+    assert raw.size == (60, 40)
+
+
+def test_gif_first_frame():
+    frames = [Image.new("P", (8, 8), i) for i in (1, 2)]
+    for f in frames:
+        f.putpalette([0, 0, 0, 255, 0, 0, 0, 0, 255] + [0] * 759)
+    buf = io.BytesIO()
+    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:])
+    assert load_image(buf.getvalue()).getpixel((0, 0)) == (255, 0, 0)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"", "cannot decode"),
+        (b"this is text, not pixels", "cannot decode"),
+        (encode(gradient())[:200], "cannot decode"),
+    ],
+)
+def test_bad_bytes(data, message):
+    with pytest.raises(ImageDecodeError, match=message):
+        load_image(data)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ImageDecodeError, match="file not found"):
+        load_image(tmp_path / "nope.png")
+
+
+def test_decompression_bomb_refused_before_decoding():
+    # A 1-bit PNG of 20000 x 20000 pixels compresses to a few KB.
+    bomb = encode(Image.new("1", (20000, 20000)))
+    assert len(bomb) < 200_000
+    with pytest.raises(ImageDecodeError, match="decompression bomb"):
+        load_image(bomb)
+    # 12000 x 12000 is below Pillow's hard limit (179 MP) but above ours.
+    with pytest.raises(ImageDecodeError, match="decompression bomb: 12000x12000"):
+        load_image(encode(Image.new("1", (12000, 12000))))
+    with pytest.raises(ImageDecodeError, match="above the limit of 5000"):
+        load_image(encode(gradient(100, 100)), max_pixels=5000)
+
+
+def test_not_a_pil_image():
+    with pytest.raises(ImageDecodeError, match="expected a PIL image"):
+        preprocess_image(np.zeros((3, 4, 4)))
