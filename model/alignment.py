@@ -85,6 +85,38 @@ def _softmax(logits: torch.Tensor, valid: torch.Tensor | None, dim: int, lambda_
     return weights / weights.sum(dim=dim, keepdim=True)
 
 
+def _i2t_no_grad(
+    sim: torch.Tensor,
+    valid: torch.Tensor,
+    all_valid: bool,
+    lambda_softmax: float,
+    texts: torch.Tensor,
+    image_norms: torch.Tensor,
+) -> torch.Tensor:
+    """The i2t pipeline of :func:`_pair_scores` with in-place steps (inference: no graph to keep)."""
+    act = F.leaky_relu(sim, LEAKY_SLOPE)
+    if not all_valid:
+        act.mul_(valid)
+    act.div_(torch.linalg.vector_norm(act, dim=1, keepdim=True).add_(EPS))
+    attn = _softmax_(act, None if all_valid else valid, 3, lambda_softmax)
+    dots = (attn * sim).sum(dim=3)  # [n, R, m]
+    gram = (texts @ texts.transpose(1, 2)).float()  # [m, L, L]
+    ctx = torch.einsum("irjw,jwv->irjv", attn, gram)
+    ctx_sq = ctx.mul_(attn).sum(dim=3).clamp_min_(0).sqrt_()
+    cos = dots.div_(ctx_sq.mul_(image_norms[:, :, None]).clamp_min_(EPS))
+    return cos.mean(dim=1)
+
+
+def _softmax_(logits: torch.Tensor, valid: torch.Tensor | None, dim: int, lambda_softmax: float) -> torch.Tensor:
+    """In-place :func:`_softmax` (overwrites ``logits``)."""
+    if lambda_softmax > 60:
+        return _softmax(logits, valid, dim, lambda_softmax)
+    weights = logits.mul_(lambda_softmax).exp_()
+    if valid is not None:
+        weights.mul_(valid)
+    return weights.div_(weights.sum(dim=dim, keepdim=True))
+
+
 def _pair_scores(
     images: torch.Tensor,
     texts: torch.Tensor,
@@ -107,6 +139,8 @@ def _pair_scores(
     sim = (xi.reshape(n * regions, dim) @ tt.reshape(m * words, dim).T).float().view(n, regions, m, words)
     valid = (torch.arange(words, device=texts.device)[None, :] < lengths[:, None])[None, None]  # [1, 1, m, L]
     all_valid = bool(valid.all())
+    if direction == "i2t" and not (torch.is_grad_enabled() and (images.requires_grad or texts.requires_grad)):
+        return _i2t_no_grad(sim, valid, all_valid, lambda_softmax, tt, image_norms)
     act = F.leaky_relu(sim, LEAKY_SLOPE)
     if not all_valid:
         act = act * valid

@@ -31,6 +31,7 @@ from .authors import convert_authors_state_dict, infer_authors_config, is_author
 from .config import HATConfig
 from .errors import CheckpointError, UnsafeCheckpointError
 from .hat import HATModel
+from .pretrained import package_text_state, package_weights_sha256
 from .tokenizer import VOCAB_FILENAME, HATTokenizer
 
 logger = logging.getLogger(__name__)
@@ -188,6 +189,17 @@ def _load_project(directory: Path) -> HATModel:
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{weights_path} is not a readable safetensors file: {_first_line(exc)}") from exc
     model = HATModel(config)
+    identity = _file_digest(weights_path)
+    if config.text_weights:
+        package = _text_package(config.text_weights)
+        sha = package_weights_sha256(package)
+        if meta.get("text_weights_sha256") not in (None, sha):
+            raise CheckpointError(
+                f"{directory} was trained with different {package!r} text-encoder weights "
+                f"(sha256 {meta.get('text_weights_sha256')}, installed {sha}); install the matching package version"
+            )
+        state_dict = {**state_dict, **{k: v.float() for k, v in package_text_state(package).items()}}
+        identity = hashlib.sha256(f"{identity}+{sha}".encode()).hexdigest()
     load_into(model, state_dict, str(weights_path))
     tok_cfg = meta.get("tokenizer", {})
     vocab = directory / VOCAB_FILENAME
@@ -196,8 +208,37 @@ def _load_project(directory: Path) -> HATModel:
         max_length=int(tok_cfg.get("max_length", config.max_text_len)),
         lowercase=bool(tok_cfg.get("lowercase", True)),
     )
-    model.identity = _file_digest(weights_path)
+    model.identity = identity
     return model
+
+
+def _text_package(reference: str) -> str:
+    if not reference.startswith("package:"):
+        raise CheckpointError(f"text_weights must be '' or 'package:<name>', got {reference!r}")
+    return reference.split(":", 1)[1]
+
+
+def _saved_state(model: HATModel, dtype: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors to store, and extra config entries; package-referenced text weights are left out."""
+    state = model.state_dict()
+    extra: dict[str, str] = {}
+    if model.config.text_weights:
+        package = _text_package(model.config.text_weights)
+        reference = package_text_state(package)
+        changed = [k for k, v in reference.items() if not torch.equal(state[k].cpu().float(), v.float())]
+        if changed:
+            raise CheckpointError(
+                f"the text encoder differs from {package!r} ({len(changed)} tensors, e.g. {changed[0]}): "
+                "it cannot be referenced; save with text_weights=''"
+            )
+        state = {k: v for k, v in state.items() if k not in reference}
+        extra["text_weights_sha256"] = package_weights_sha256(package)
+    target = _SAVE_DTYPES[dtype]
+    tensors = {
+        k: (v.detach().to("cpu", target) if v.is_floating_point() else v.detach().cpu()).contiguous()
+        for k, v in state.items()
+    }
+    return tensors, extra
 
 
 def load_model(
@@ -241,10 +282,7 @@ def save_model(model: HATModel, path: str | Path, *, dtype: str = "float32") -> 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        state = {
-            k: (v.detach().to("cpu", _SAVE_DTYPES[dtype]) if v.is_floating_point() else v.detach().cpu()).contiguous()
-            for k, v in model.state_dict().items()
-        }
+        state, extra = _saved_state(model, dtype)
         save_file(state, str(tmp / WEIGHTS_FILENAME), metadata={"format": FORMAT_NAME})
         tokenizer = model.tokenizer or HATTokenizer(max_length=model.config.max_text_len)
         tokenizer.save(tmp)
@@ -252,6 +290,7 @@ def save_model(model: HATModel, path: str | Path, *, dtype: str = "float32") -> 
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
             "weights_dtype": dtype,
+            **extra,
             "model": model.config.to_dict(),
             "tokenizer": tokenizer.to_config(),
         }

