@@ -71,10 +71,13 @@ def recalls(scores: torch.Tensor, owner: torch.Tensor) -> dict:
 
 
 @torch.inference_mode()
-def encode_split(model, entries, *, batch_size: int = 64, workers: int = 0, text_cache=None) -> Encoded:
+def encode_split(
+    model, entries, *, batch_size: int = 64, workers: int = 0, text_cache=None, global_head: bool = True
+) -> Encoded:
     """Encode every image (eval transform) and caption of ``entries`` with ``model``.
 
     ``text_cache`` (a ``model.train.TextCache`` of these captions) replaces running a frozen text encoder.
+    ``global_head=False`` makes the first-stage vectors the head-less fallback (the authors' checkpoints').
     """
     device = model.device
     loader = DataLoader(
@@ -114,8 +117,8 @@ def encode_split(model, entries, *, batch_size: int = 64, workers: int = 0, text
         image_levels,
         text_levels,
         lengths,
-        model.global_images(image_levels).cpu(),
-        model.global_texts(text_levels, lengths).cpu(),
+        model.global_images(image_levels, global_head).cpu(),
+        model.global_texts(text_levels, lengths, global_head).cpu(),
         owner,
     )
 
@@ -201,6 +204,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument(
+        "--global-fallback",
+        action="store_true",
+        help="score 'global' with the head-less fallback (mean-pooled last level), as for the authors' checkpoints",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
@@ -208,7 +216,9 @@ def main(argv: list[str] | None = None) -> int:
         entries = read_karpathy(args.dataset, args.images, args.split)
         if args.limit:
             entries = entries[: args.limit]
-        enc = encode_split(model, entries, batch_size=args.batch_size, workers=args.workers)
+        enc = encode_split(
+            model, entries, batch_size=args.batch_size, workers=args.workers, global_head=not args.global_fallback
+        )
         protocols = [args.protocol]
         if args.protocol == "auto":
             protocols = ["5fold", "all"] if len(entries) == 5000 else ["all"]

@@ -153,23 +153,28 @@ class HATModel(nn.Module):
             **kwargs,
         )
 
-    def global_images(self, image_levels: Sequence[torch.Tensor]) -> torch.Tensor:
+    def global_images(self, image_levels: Sequence[torch.Tensor], use_head: bool = True) -> torch.Tensor:
         """First-stage vectors ``[B, G]`` (unit norm) from ``encode_images`` output.
 
         The mean of the last level's tokens, through the trained global head when the model has one
         (``config.global_dim > 0``); the authors' checkpoints have none and use the mean alone.
         """
         pooled = image_levels[-1].float().mean(dim=1)
-        if self.config.global_dim:
+        if self.config.global_dim and use_head:
             pooled = self.global_image_head(pooled.to(self.global_image_head.weight.dtype))
         return F.normalize(pooled.float(), dim=-1)
 
-    def global_texts(self, text_levels: Sequence[torch.Tensor], lengths: torch.Tensor) -> torch.Tensor:
-        """First-stage vectors ``[B, G]`` (unit norm): mean of the last level over each caption's tokens."""
+    def global_texts(
+        self, text_levels: Sequence[torch.Tensor], lengths: torch.Tensor, use_head: bool = True
+    ) -> torch.Tensor:
+        """First-stage vectors ``[B, G]`` (unit norm): mean of the last level over each caption's tokens.
+
+        ``use_head=False`` gives the fallback used for models without a trained head, for comparison.
+        """
         last = text_levels[-1].float()
         valid = (torch.arange(last.shape[1], device=last.device)[None, :] < lengths.to(last.device)[:, None]).float()
         pooled = (last * valid[..., None]).sum(dim=1) / valid.sum(dim=1, keepdim=True).clamp_min(1)
-        if self.config.global_dim:
+        if self.config.global_dim and use_head:
             pooled = self.global_text_head(pooled.to(self.global_text_head.weight.dtype))
         return F.normalize(pooled.float(), dim=-1)
 

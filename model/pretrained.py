@@ -6,6 +6,7 @@ model uses it as its (frozen) text encoder and references it instead of storing 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from importlib import resources
@@ -37,6 +38,7 @@ def package_text_config(name: str) -> TextConfig:
     return TextConfig(**{k: cfg[k] for k in TextConfig.__dataclass_fields__ if k in cfg})
 
 
+@functools.lru_cache(maxsize=4)
 def package_weights_sha256(name: str) -> str:
     digest = hashlib.sha256()
     with (package_dir(name) / "model.safetensors").open("rb") as handle:
@@ -46,8 +48,15 @@ def package_weights_sha256(name: str) -> str:
 
 
 def package_text_state(name: str, prefix: str = "text_encoder.bert.") -> dict[str, torch.Tensor]:
-    """The package BERT's weights under ``prefix`` (pooler and position-id buffer dropped)."""
+    """The package BERT's weights under ``prefix`` (pooler and position-id buffer dropped).
+
+    The tensors are shared between calls (read once per process): treat them as read-only.
+    """
+    return {prefix + k: v for k, v in _package_tensors(name).items() if not k.startswith(_SKIP)}
+
+
+@functools.lru_cache(maxsize=2)
+def _package_tensors(name: str) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    state = load_file(str(package_dir(name) / "model.safetensors"))
-    return {prefix + k: v for k, v in state.items() if not k.startswith(_SKIP)}
+    return load_file(str(package_dir(name) / "model.safetensors"))

@@ -103,7 +103,7 @@ def paper_model_config() -> HATConfig:
 
 
 PRESETS = {
-    "demo": (demo_model_config, {"epochs": 18, "lr_step": 12}),
+    "demo": (demo_model_config, {"epochs": 18, "lr_step": 12, "hardest_from_epoch": 10}),
     "paper": (
         paper_model_config,
         {
