@@ -123,26 +123,33 @@ def encode_split(
     )
 
 
-def score_variants(model, enc: Encoded, images: slice | None = None) -> dict[str, torch.Tensor]:
-    """Exhaustive score matrices ``[N, M]`` for every variant, over the images in ``images``."""
+VARIANTS = ("hat", "level1", "level2", "level3", "global")
+
+
+def score_variants(
+    model, enc: Encoded, images: slice | None = None, variants: tuple[str, ...] = VARIANTS
+) -> dict[str, torch.Tensor]:
+    """Exhaustive score matrices ``[N, M]`` for the requested variants, over the images in ``images``."""
     images = images or slice(None)
     keep = torch.zeros(enc.image_global.shape[0], dtype=torch.bool)
     keep[images] = True
     cols = keep[enc.owner].nonzero().squeeze(1)
     cfg = model.config
     out: dict[str, torch.Tensor] = {}
-    total = None
-    for level, (img, txt) in enumerate(zip(enc.image_levels, enc.text_levels, strict=True)):
-        score = scan(img[images], txt[cols], enc.lengths[cols], cfg.lambda_softmax, cfg.direction)
-        out[f"level{level + 1}"] = score
-        total = score if total is None else total + score
-    out["hat"] = total
-    out["global"] = enc.image_global[images] @ enc.text_global[cols].T
-    return out
+    if any(v == "hat" or v.startswith("level") for v in variants):
+        total = None
+        for level, (img, txt) in enumerate(zip(enc.image_levels, enc.text_levels, strict=True)):
+            score = scan(img[images], txt[cols], enc.lengths[cols], cfg.lambda_softmax, cfg.direction)
+            out[f"level{level + 1}"] = score
+            total = score if total is None else total + score
+        out["hat"] = total
+    if "global" in variants:
+        out["global"] = enc.image_global[images] @ enc.text_global[cols].T
+    return {k: v for k, v in out.items() if k in variants}
 
 
 @torch.inference_mode()
-def evaluate_encoded(model, enc: Encoded, protocol: str = "all") -> dict:
+def evaluate_encoded(model, enc: Encoded, protocol: str = "all", variants: tuple[str, ...] = VARIANTS) -> dict:
     """``{variant: recalls}`` for one protocol (``all``/``1k`` one gallery, ``5fold`` mean of 5 x 1,000)."""
     n = enc.image_global.shape[0]
     if protocol in ("all", "1k"):
@@ -157,7 +164,7 @@ def evaluate_encoded(model, enc: Encoded, protocol: str = "all") -> dict:
     for block in blocks:
         start = block.start
         owner = enc.owner[(enc.owner >= start) & (enc.owner < block.stop)] - start
-        per_block.append({k: recalls(v, owner) for k, v in score_variants(model, enc, block).items()})
+        per_block.append({k: recalls(v, owner) for k, v in score_variants(model, enc, block, variants).items()})
     return _mean(per_block)
 
 
@@ -205,11 +212,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument(
+        "--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}"
+    )
+    parser.add_argument(
         "--global-fallback",
         action="store_true",
         help="score 'global' with the head-less fallback (mean-pooled last level), as for the authors' checkpoints",
     )
     args = parser.parse_args(argv)
+    variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown or not variants:
+        parser.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
         model = load_model(args.model, args.device)
@@ -222,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         protocols = [args.protocol]
         if args.protocol == "auto":
             protocols = ["5fold", "all"] if len(entries) == 5000 else ["all"]
-        results = {p: evaluate_encoded(model, enc, p) for p in protocols}
+        results = {p: evaluate_encoded(model, enc, p, variants) for p in protocols}
     except (HATError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
