@@ -233,65 +233,43 @@ def train(
     text_weights: str | None = None,
     device: str = "cpu",
 ) -> dict:
-    """Run training; returns ``{"best_rsum", "history", "seconds", "images_per_second"}``."""
+    """Run training; returns ``{"best_rsum", "history", "seconds", "images_per_second", ...}``."""
     out.mkdir(parents=True, exist_ok=True)
-    dev = torch.device(device)
     torch.manual_seed(cfg.seed)
     entries = read_karpathy(dataset, images, "train")
     if cfg.train_images:
         entries = entries[: cfg.train_images]
     val_entries = read_karpathy(dataset, images, "val")[: cfg.val_images]
-    model = build_model(cfg, image_weights, text_weights).to(dev)
+    model = build_model(cfg, image_weights, text_weights).to(torch.device(device))
     cfg.model = model.config.to_dict()
     text_frozen_all_run = cfg.freeze_text_epochs >= cfg.epochs
     params = [p for n, p in model.named_parameters() if not (text_frozen_all_run and n.startswith("text_encoder."))]
     optimizer = torch.optim.Adam(params, lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
     state = {"epoch": -1, "best_rsum": -1.0, "history": [], "seconds": 0.0, "images": 0}
-    last = out / "last.pt"
-    if resume and last.exists():
-        saved = torch.load(last, map_location="cpu", weights_only=True)
+    if resume and (out / "last.pt").exists():
+        saved = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         state = saved["state"]
-        logger.info("resumed from %s after epoch %d", last, state["epoch"])
+        logger.info("resumed from %s after epoch %d", out / "last.pt", state["epoch"])
     texts, _ = caption_table(entries)
     cache = TextCache(model.eval(), texts) if text_frozen_all_run else None
     val_cache = TextCache(model, caption_table(val_entries)[0]) if text_frozen_all_run else None
-    loader_ds = ImageDataset(entries, TrainTransform(model.config.image.image_size, cfg.crop_scale, cfg.flip))
+    dataset_t = ImageDataset(entries, TrainTransform(model.config.image.image_size, cfg.crop_scale, cfg.flip))
     for epoch in range(state["epoch"] + 1, cfg.epochs):
         started = time.perf_counter()
         model.train()
         set_trainable(model, cfg, epoch)
-        rng = random.Random(cfg.seed * 1000 + epoch)
-        picks = torch.tensor(pick_captions(entries, rng))
-        order = torch.randperm(len(entries), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
-        loader = DataLoader(
-            torch.utils.data.Subset(loader_ds, order.tolist()),
-            batch_size=cfg.batch_size,
-            drop_last=True,
-            num_workers=cfg.workers,
-            persistent_workers=False,
-        )
+        loader, picks = _epoch_loader(cfg, dataset_t, epoch)
         losses = _run_epoch(model, cfg, epoch, loader, picks, texts, cache, optimizer)
         scheduler.step()
         seconds = time.perf_counter() - started
         state["seconds"] += seconds
         state["images"] += len(loader) * cfg.batch_size
-        model.eval()
-        val = evaluate_encoded(model, encode_split(model, val_entries, text_cache=val_cache), "all")
-        record = {
-            "epoch": epoch,
-            "loss": round(sum(losses) / max(1, len(losses)), 4),
-            "seconds": round(seconds, 1),
-            "val_hat_rsum": val["hat"]["rsum"],
-            "val_global_rsum": val["global"]["rsum"],
-            "val_hat_t2i_r1": val["hat"]["t2i"]["r1"],
-            "val_hat_i2t_r1": val["hat"]["i2t"]["r1"],
-        }
-        state["history"].append(record)
-        logger.info("epoch %d: %s", epoch, record)
+        val = evaluate_encoded(model.eval(), encode_split(model, val_entries, text_cache=val_cache), "all")
+        _record(state, epoch, losses, seconds, val)
         if val["hat"]["rsum"] > state["best_rsum"]:
             state["best_rsum"] = val["hat"]["rsum"]
             save_model(model, out / "best")
@@ -304,14 +282,41 @@ def train(
                 "state": state,
                 "train_config": _plain(dataclasses.asdict(cfg)),
             },
-            last,
+            out / "last.pt",
         )
-        budget = cfg.max_minutes * 60
-        if budget and state["seconds"] + seconds > budget:
+        if cfg.max_minutes and state["seconds"] + seconds > cfg.max_minutes * 60:
             logger.info("stopping: another epoch would exceed the %.0f-minute budget", cfg.max_minutes)
             break
     state["images_per_second"] = round(state["images"] / max(state["seconds"], 1e-9), 1)
     return state
+
+
+def _epoch_loader(cfg: TrainConfig, dataset: ImageDataset, epoch: int) -> tuple[DataLoader, torch.Tensor]:
+    """The epoch's shuffled image batches and, per image, the caption drawn for it (both seeded by epoch)."""
+    seed = cfg.seed * 1000 + epoch
+    picks = torch.tensor(pick_captions(dataset.entries, random.Random(seed)))
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
+    loader = DataLoader(
+        torch.utils.data.Subset(dataset, order.tolist()),
+        batch_size=cfg.batch_size,
+        drop_last=True,
+        num_workers=cfg.workers,
+    )
+    return loader, picks
+
+
+def _record(state: dict, epoch: int, losses: list[float], seconds: float, val: dict) -> None:
+    record = {
+        "epoch": epoch,
+        "loss": round(sum(losses) / max(1, len(losses)), 4),
+        "seconds": round(seconds, 1),
+        "val_hat_rsum": val["hat"]["rsum"],
+        "val_global_rsum": val["global"]["rsum"],
+        "val_hat_t2i_r1": val["hat"]["t2i"]["r1"],
+        "val_hat_i2t_r1": val["hat"]["i2t"]["r1"],
+    }
+    state["history"].append(record)
+    logger.info("epoch %d: %s", epoch, record)
 
 
 def _plain(obj):
