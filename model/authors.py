@@ -202,8 +202,29 @@ def _convert_key(
         if stage not in image_stages:
             return None  # e.g. norm_0: stage 1 is not a HAT level
         return f"image_encoder.level_norms.{image_stages.index(stage)}.{norm.group(2)}"
-    down = re.match(r"^layers\.(\d+)\.downsample\.(.*)$", rest)
+    return "image_encoder.swin." + swin_v1_key(rest)
+
+
+def swin_v1_key(key: str) -> str:
+    """A Swin key in the timm 0.4.x / official layout -> current timm's name.
+
+    timm 0.4.12 puts ``layers.{i}.downsample`` at the end of stage ``i``; current timm at the start of ``i + 1``.
+    """
+    down = re.match(r"^layers\.(\d+)\.downsample\.(.*)$", key)
     if down:
-        # timm 0.4.12: end of stage i; current timm: start of stage i + 1.
-        return f"image_encoder.swin.layers.{int(down.group(1)) + 1}.downsample.{down.group(2)}"
-    return "image_encoder.swin." + rest
+        return f"layers.{int(down.group(1)) + 1}.downsample.{down.group(2)}"
+    return key
+
+
+def convert_swin_v1_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An ImageNet Swin state dict (official / timm 0.4.x layout, or already current) -> current timm names.
+
+    Pure. Drops the classifier head and the stored ``attn_mask`` / ``relative_position_index`` buffers;
+    a dict already in the current layout (no parameters under ``layers.0.downsample``) keeps its names.
+    """
+    old_layout = any(k.startswith("layers.0.downsample.") for k in state_dict)
+    return {
+        (swin_v1_key(k) if old_layout else k): v
+        for k, v in state_dict.items()
+        if not k.startswith("head") and not k.endswith(("attn_mask", "relative_position_index"))
+    }

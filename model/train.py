@@ -25,6 +25,7 @@ import dataclasses
 import logging
 import math
 import os
+import pickle
 import random
 import sys
 import time
@@ -34,6 +35,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from .authors import convert_swin_v1_state_dict
 from .checkpoint import save_model
 from .config import HATConfig, SwinConfig, TextConfig
 from .data import ImageDataset, TrainTransform, caption_table, pick_captions, read_karpathy
@@ -136,22 +138,29 @@ def build_model(cfg: TrainConfig, image_weights: str | None, text_weights: str |
 
 
 def _load_pretrained_swin(model: HATModel, source: str) -> None:
-    import timm
-
+    """ImageNet Swin weights into the image encoder: a checkpoint file (official or timm layout) or ``hub``."""
     if source == "hub":  # needs network access to the model hub
-        ref = timm.create_model("swin_base_patch4_window7_224.ms_in22k", pretrained=True, num_classes=0)
-        state = ref.state_dict()
-    else:
-        from timm.models import load_checkpoint
+        import timm
 
-        ref = timm.create_model("swin_base_patch4_window7_224", pretrained=False, num_classes=0)
-        load_checkpoint(ref, source, strict=False)  # timm converts the 0.4.x layout on load
-        state = ref.state_dict()
-    swin = model.image_encoder.swin
-    result = swin.load_state_dict({k: v for k, v in state.items() if not k.startswith(("head", "norm."))}, strict=False)
-    last = model.image_encoder.level_norms[-1]
-    last.load_state_dict({"weight": state["norm.weight"], "bias": state["norm.bias"]})
-    logger.info("loaded pretrained Swin from %s (missing %d keys)", source, len(result.missing_keys))
+        state = timm.create_model("swin_base_patch4_window7_224.ms_in22k", pretrained=True).state_dict()
+    else:
+        try:
+            obj = torch.load(source, map_location="cpu", weights_only=True)
+        except (OSError, RuntimeError, pickle.UnpicklingError) as exc:
+            raise HATError(f"cannot read Swin weights from {source}: {exc}") from exc
+        state = obj.get("model", obj.get("state_dict", obj)) if isinstance(obj, dict) else {}
+    state = convert_swin_v1_state_dict(state)
+    if "norm.weight" not in state:
+        raise HATError(f"{source} holds no Swin weights (no 'norm.weight')")
+    body = {k: v for k, v in state.items() if not k.startswith("norm.")}
+    result = model.image_encoder.swin.load_state_dict(body, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise HATError(
+            f"Swin weights in {source} do not fit: missing {result.missing_keys[:5]}, "
+            f"unexpected {result.unexpected_keys[:5]}"
+        )
+    model.image_encoder.level_norms[-1].load_state_dict({"weight": state["norm.weight"], "bias": state["norm.bias"]})
+    logger.info("loaded pretrained Swin from %s", source)
 
 
 def _load_pretrained_bert(model: HATModel, source: str) -> None:
@@ -162,12 +171,17 @@ def _load_pretrained_bert(model: HATModel, source: str) -> None:
     logger.info("loaded pretrained BERT from %s", source)
 
 
-def _autocast(amp: str, device: torch.device):
-    if amp == "off":
-        return torch.autocast(device.type, enabled=False)
+def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``amp`` (``auto``: fp16 on CUDA, bf16 on CPUs with oneDNN, else none)."""
     if amp == "auto":
         amp = "fp16" if device.type == "cuda" else ("bf16" if torch.backends.mkldnn.is_available() else "off")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    if amp not in ("bf16", "fp16", "off"):
+        raise HATError(f"amp must be auto, bf16, fp16 or off, got {amp!r}")
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+
+
+def _autocast(amp: str, device: torch.device):
+    dtype = amp_dtype(amp, device)
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
@@ -332,6 +346,8 @@ def _run_epoch(model, cfg, epoch, loader, picks, texts, cache, optimizer) -> lis
     from tqdm import tqdm
 
     hardest = epoch >= cfg.hardest_from_epoch
+    # float16 autocast needs loss scaling so small gradients do not underflow; bf16 and fp32 do not.
+    scaler = torch.amp.GradScaler(model.device.type, enabled=amp_dtype(cfg.amp, model.device) == torch.float16)
     losses: list[float] = []
     bar = tqdm(loader, desc=f"epoch {epoch}", unit="batch", leave=False, disable=None)
     seen, started = 0, time.perf_counter()
@@ -352,8 +368,9 @@ def _run_epoch(model, cfg, epoch, loader, picks, texts, cache, optimizer) -> lis
         if not math.isfinite(loss.item()):
             raise HATError(f"loss became {loss.item()} at epoch {epoch}")
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         losses.append(loss.item())
         seen += pixels.shape[0]
         bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{seen / (time.perf_counter() - started):.1f}")

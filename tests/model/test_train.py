@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from model import load_model
+from model import HATError, load_model
 from model.data import read_karpathy
 from model.evaluate import encode_split, evaluate_encoded
 from model.evaluate import main as evaluate_main
@@ -91,3 +91,32 @@ def test_best_model_and_evaluate_cli(world, run, tmp_path, capsys):
     for variant in data.values():
         assert set(variant) == {"i2t", "t2i", "rsum"} and set(variant["i2t"]) == {"r1", "r5", "r10"}
     assert "protocol all" in capsys.readouterr().out
+
+
+def test_pretrained_swin_in_the_official_layout_loads(tiny_minilm_config, tmp_path):
+    """An ImageNet Swin checkpoint in the official / timm 0.4.x layout lands in the right places."""
+    from model.train import _load_pretrained_swin
+
+    cfg = TrainConfig(model=tiny_minilm_config.to_dict())
+    source = build_model(cfg, None, None)
+    current = {k: v.clone() for k, v in source.image_encoder.swin.state_dict().items()}
+    current["norm.weight"] = torch.rand(256)  # stage-4 width of the tiny Swin (32 * 8)
+    current["norm.bias"] = torch.rand(256)
+    official = {}
+    for key, value in current.items():  # move each downsample back to the end of the previous stage
+        parts = key.split(".")
+        if parts[0] == "layers" and parts[2] == "downsample":
+            parts[1] = str(int(parts[1]) - 1)
+        official[".".join(parts)] = value
+    official["layers.1.blocks.1.attn_mask"] = torch.zeros(4, 16, 16)
+    official["head.weight"] = torch.zeros(10, 256)
+    path = tmp_path / "swin.pth"
+    torch.save({"model": official}, path)
+    target = build_model(cfg, None, None)
+    _load_pretrained_swin(target, str(path))
+    for key, value in target.image_encoder.swin.state_dict().items():
+        assert torch.equal(value, current[key]), key
+    assert torch.equal(target.image_encoder.level_norms[-1].weight, current["norm.weight"])
+    torch.save({"model": {"layers.0.blocks.0.norm1.weight": torch.zeros(3)}}, path)
+    with pytest.raises(HATError, match="holds no Swin weights"):
+        _load_pretrained_swin(target, str(path))
