@@ -31,7 +31,7 @@ from .authors import convert_authors_state_dict, infer_authors_config, is_author
 from .config import HATConfig
 from .errors import CheckpointError, UnsafeCheckpointError
 from .hat import HATModel
-from .pretrained import package_text_state, package_weights_sha256
+from .pretrained import package_text_state, package_weights_sha256, sha256_file
 from .tokenizer import VOCAB_FILENAME, HATTokenizer
 
 logger = logging.getLogger(__name__)
@@ -43,14 +43,6 @@ WEIGHTS_FILENAME = "model.safetensors"
 _SAVE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # torch.save's legacy (non-zip) format starts with a protocol-2 pickle of a magic number.
 _LEGACY_MAGIC = b"\x80\x02\x8a\x0a"
-
-
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_authors_checkpoint(
@@ -67,7 +59,7 @@ def read_authors_checkpoint(
         raise CheckpointError(f"checkpoint not found: {path}")
     with path.open("rb") as handle:
         head = handle.read(4)
-    if not (zipfile.is_zipfile(path) or head == _LEGACY_MAGIC or head[:2] == b"PK"):
+    if head[:2] != b"PK" and head != _LEGACY_MAGIC:  # zip archives (even truncated ones) start with "PK"
         raise CheckpointError(f"{path} is not a PyTorch checkpoint (neither a torch zip archive nor a legacy file)")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -159,7 +151,7 @@ def _load_authors(path: Path, allow_unsafe_pickle: bool, text_heads: int | None)
             tokenizer.vocab_size,
         )
     model.tokenizer = tokenizer
-    model.identity = _file_digest(path)
+    model.identity = sha256_file(path)
     return model
 
 
@@ -189,7 +181,7 @@ def _load_project(directory: Path) -> HATModel:
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{weights_path} is not a readable safetensors file: {_first_line(exc)}") from exc
     model = HATModel(config)
-    identity = _file_digest(weights_path)
+    identity = sha256_file(weights_path)
     if config.text_weights:
         package = _text_package(config.text_weights)
         sha = package_weights_sha256(package)

@@ -92,27 +92,9 @@ def encode_split(
     texts, owner = caption_table(entries)
     if text_cache is not None:
         text_levels, lengths = text_cache.project(model, torch.arange(len(texts)))
-        text_levels = [x.float().cpu() for x in text_levels]
-        lengths = lengths.cpu()
-        return Encoded(
-            image_levels,
-            text_levels,
-            lengths,
-            model.global_images(image_levels).cpu(),
-            model.global_texts(text_levels, lengths).cpu(),
-            owner,
-        )
-    text_parts, length_parts = [], []
-    for start in range(0, len(texts), 256):
-        levels, lengths = model.encode_text_strings(texts[start : start + 256])
-        text_parts.append([x.float().cpu() for x in levels])
-        length_parts.append(lengths.cpu())
-    width = max(p[0].shape[1] for p in text_parts)
-    text_levels = [
-        torch.cat([torch.nn.functional.pad(p[i], (0, 0, 0, width - p[i].shape[1])) for p in text_parts])
-        for i in range(len(image_levels))
-    ]
-    lengths = torch.cat(length_parts)
+        text_levels, lengths = [x.float().cpu() for x in text_levels], lengths.cpu()
+    else:
+        text_levels, lengths = _encode_captions(model, texts, len(image_levels))
     return Encoded(
         image_levels,
         text_levels,
@@ -121,6 +103,21 @@ def encode_split(
         model.global_texts(text_levels, lengths, global_head).cpu(),
         owner,
     )
+
+
+def _encode_captions(model, texts: list[str], num_levels: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Captions through the text encoder in batches of 256 -> per level ``[M, L, D]`` (CPU), lengths ``[M]``."""
+    text_parts, length_parts = [], []
+    for start in range(0, len(texts), 256):
+        levels, lengths = model.encode_text_strings(texts[start : start + 256])
+        text_parts.append([x.float().cpu() for x in levels])
+        length_parts.append(lengths.cpu())
+    width = max(p[0].shape[1] for p in text_parts)
+    text_levels = [
+        torch.cat([torch.nn.functional.pad(p[i], (0, 0, 0, width - p[i].shape[1])) for p in text_parts])
+        for i in range(num_levels)
+    ]
+    return text_levels, torch.cat(length_parts)
 
 
 VARIANTS = ("hat", "level1", "level2", "level3", "global")

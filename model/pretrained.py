@@ -38,13 +38,18 @@ def package_text_config(name: str) -> TextConfig:
     return TextConfig(**{k: cfg[k] for k in TextConfig.__dataclass_fields__ if k in cfg})
 
 
-@functools.lru_cache(maxsize=4)
-def package_weights_sha256(name: str) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks."""
     digest = hashlib.sha256()
-    with (package_dir(name) / "model.safetensors").open("rb") as handle:
+    with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+@functools.lru_cache(maxsize=4)
+def package_weights_sha256(name: str) -> str:
+    return sha256_file(package_dir(name) / "model.safetensors")
 
 
 def package_text_state(name: str, prefix: str = "text_encoder.bert.") -> dict[str, torch.Tensor]:

@@ -120,3 +120,19 @@ def test_pretrained_swin_in_the_official_layout_loads(tiny_minilm_config, tmp_pa
     torch.save({"model": {"layers.0.blocks.0.norm1.weight": torch.zeros(3)}}, path)
     with pytest.raises(HATError, match="holds no Swin weights"):
         _load_pretrained_swin(target, str(path))
+
+
+def test_text_cache_gives_the_same_split_encoding(world, run):
+    """Validation through the frozen-text cache equals running the text encoder (float16 cache tolerance)."""
+    from model.train import TextCache, caption_table
+
+    out, _, _ = run
+    model = load_model(out / "best")
+    entries = read_karpathy(world / "dataset.json", world / "images", "val")
+    cache = TextCache(model, caption_table(entries)[0])
+    for head in (True, False):
+        direct = encode_split(model, entries, global_head=head)
+        cached = encode_split(model, entries, text_cache=cache, global_head=head)
+        assert torch.equal(direct.lengths, cached.lengths)
+        assert (direct.text_global - cached.text_global).abs().max() < 1e-2
+        assert torch.equal(direct.image_global, cached.image_global)
