@@ -1,0 +1,90 @@
+"""Command line: ``python -m index_builder {build,add,remove}`` (the rebuild-index job)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from .build import BuildOptions, add, build, remove
+from .errors import BuildError, GalleryError
+from .store import StoreSpec
+from .version import EXACT_LIMIT
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--gallery", required=True, help="folder of images (recursive) or a JSONL manifest")
+    p.add_argument("--model", required=True, help="an authors' .ckpt or a project model directory")
+    p.add_argument("--out", required=True, help="index root (versions, segments, 'current')")
+    p.add_argument("--texts", help="optional text-only corpus: JSONL {id, text, metadata} or one text per line")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, default=0, help="image decoding worker processes")
+    p.add_argument("--shard-size", type=int, default=1024, help="items per resumable shard")
+    p.add_argument("--store", default="float16", help="feature store: float16, int8 or pca[:BITS] (default float16)")
+    p.add_argument("--keep", type=int, default=3, help="published versions to keep")
+    p.add_argument("--max-pixels", type=int, default=89_478_485, help="decompression-bomb limit per image")
+    p.add_argument("--exact-limit", type=int, default=EXACT_LIMIT, help="flat FAISS index up to this many vectors")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--report", help="write the result summary as JSON here")
+
+
+def _options(args) -> BuildOptions:
+    StoreSpec.parse(args.store)
+    for name in ("batch_size", "shard_size", "keep", "max_pixels"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+    return BuildOptions(
+        device=args.device, batch_size=args.batch_size, workers=max(0, args.workers), shard_size=args.shard_size,
+        store=args.store, keep=args.keep, max_pixels=args.max_pixels, exact_limit=args.exact_limit,
+        texts=args.texts, progress=not args.no_progress,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m index_builder", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _common(sub.add_parser("build", help="index a whole gallery into a new version"))
+    _common(sub.add_parser("add", help="index only items whose ids are new"))
+    rm = sub.add_parser("remove", help="publish a version without the given ids")
+    rm.add_argument("--out", required=True)
+    rm.add_argument("ids", nargs="*", help="image or text ids")
+    rm.add_argument("--ids-file", help="file with one id per line")
+    rm.add_argument("--keep", type=int, default=3)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "remove":
+            ids = list(args.ids)
+            if args.ids_file:
+                with open(args.ids_file) as fh:
+                    ids += [line.strip() for line in fh if line.strip()]
+            result = remove(ids, args.out, args.keep)
+        else:
+            fn = build if args.command == "build" else add
+            result = fn(args.gallery, args.model, args.out, _options(args))
+    except (BuildError, GalleryError, ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    summary = {
+        "version": result.version,
+        "indexed": result.indexed,
+        "captions": result.captions,
+        "skipped": len(result.skipped),
+        "resumed_shards": result.resumed_shards,
+        "encoded_shards": result.encoded_shards,
+        "seconds": result.seconds,
+    }
+    print(json.dumps(summary))
+    if getattr(args, "report", None):
+        from pathlib import Path
+
+        from .build import write_report
+
+        write_report(result, Path(args.report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

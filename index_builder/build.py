@@ -1,0 +1,310 @@
+"""The rebuild job: ``build`` (whole gallery -> new version), ``add`` (new items), ``remove`` (by id).
+
+A build plans the gallery into shards and keeps them under ``staging/<key>/`` where ``key`` hashes the
+gallery listing, the model and the options: a build killed at any point and started again with the same
+arguments finds the committed shards and encodes only the rest. Publishing is atomic (see ``layout``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model import load_model
+
+from .encode import EncodeOptions, encode_shard
+from .errors import BuildError
+from .gallery import Item, Skipped, Text, read_gallery, read_texts
+from .layout import IndexRoot, write_json
+from .store import StoreSpec
+from .version import EXACT_LIMIT, copy_codebooks, read_jsonl, train_store, write_segment, write_version
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class BuildOptions:
+    """Options of ``build`` and ``add`` (CLI flags of the same names)."""
+
+    device: str = "auto"
+    batch_size: int = 32
+    workers: int = 0
+    shard_size: int = 1024
+    store: str = "float16"
+    keep: int = 3
+    max_pixels: int = 89_478_485
+    exact_limit: int = EXACT_LIMIT
+    texts: str | None = None
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class BuildResult:
+    version: str | None
+    indexed: int
+    captions: int
+    skipped: list[dict]
+    resumed_shards: int
+    encoded_shards: int
+    seconds: float
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise BuildError(f"--device {device}: CUDA is not available on this machine")
+    return device
+
+
+def _load(model_path: str, device: str):
+    try:
+        return load_model(model_path, device=resolve_device(device))
+    except Exception as exc:  # every loader failure is fatal for a build, reported in one line
+        raise BuildError(f"cannot load model {model_path}: {exc}") from exc
+
+
+def model_info(model) -> dict:
+    cfg = model.config
+    size = cfg.image.image_size // cfg.image.patch_size
+    tokens = [(size // 2 ** (s)) ** 2 for s in cfg.image_stages]
+    return {
+        "identity": model.identity,
+        "levels": len(cfg.image_stages),
+        "embed_dim": cfg.embed_dim,
+        "global_dim": cfg.global_dim or cfg.embed_dim,
+        "global_vectors": "trained head" if cfg.global_dim else "mean-pooled last level (fallback)",
+        "image_tokens": tokens,
+        "image_size": cfg.image.image_size,
+        "lambda_softmax": cfg.lambda_softmax,
+        "direction": cfg.direction,
+    }
+
+
+def _listing_hash(items: list[Item], texts: list[Text], model, opts: BuildOptions, purpose: str) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps([purpose, model.identity, opts.store, opts.shard_size, opts.max_pixels]).encode())
+    for it in items:
+        try:
+            st = os.stat(it.path)
+            stamp = (st.st_size, st.st_mtime_ns)
+        except OSError:
+            stamp = None
+        h.update(json.dumps([it.id, it.path, it.captions, it.metadata, stamp]).encode())
+    for t in texts:
+        h.update(json.dumps([t.id, t.text, t.metadata]).encode())
+    return h.hexdigest()[:20]
+
+
+def _progress(total: int, enabled: bool, desc: str):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img", file=sys.stderr, smoothing=0.1)
+
+
+def _encode_all(root: IndexRoot, key: str, model, items, texts, opts: BuildOptions) -> tuple[list[Path], dict]:
+    """Encode ``items`` in shards under ``staging/key``; committed shards from an earlier run are reused."""
+    staging = root.staging / key
+    staging.mkdir(parents=True, exist_ok=True)
+    enc = EncodeOptions(opts.batch_size, opts.workers, opts.max_pixels)
+    n_shards = max(1, -(-len(items) // opts.shard_size))
+    shards, resumed, encoded = [], 0, 0
+    todo = sum(
+        len(items[i * opts.shard_size : (i + 1) * opts.shard_size])
+        for i in range(n_shards)
+        if not (staging / f"shard-{i:05d}").is_dir()
+    )
+    bar = _progress(todo, opts.progress, "encoding")
+    try:
+        for i in range(n_shards):
+            out = staging / f"shard-{i:05d}"
+            if out.is_dir() and (out / "shard.json").is_file():
+                resumed += 1
+            else:
+                part = items[i * opts.shard_size : (i + 1) * opts.shard_size]
+                encode_shard(model, part, texts if i == 0 else [], out, enc, bar)
+                encoded += 1
+            shards.append(out)
+    finally:
+        if bar is not None:
+            bar.close()
+    return shards, {"resumed_shards": resumed, "encoded_shards": encoded}
+
+
+def _skipped_of(shards: list[Path]) -> list[dict]:
+    return [s for shard in shards for s in json.loads((shard / "shard.json").read_text())["skipped"]]
+
+
+def build(gallery: str | Path, model_path: str, out: str | Path, opts: BuildOptions | None = None) -> BuildResult:
+    """Index ``gallery`` with ``model_path`` into a new version under ``out`` and publish it."""
+    opts = opts or BuildOptions()
+    spec = StoreSpec.parse(opts.store)
+    started = time.perf_counter()
+    items, skipped = read_gallery(gallery)
+    texts, text_skipped = read_texts(opts.texts) if opts.texts else ([], [])
+    skipped += text_skipped
+    model = _load(model_path, opts.device)
+    root = IndexRoot(out)
+    with root.lock():
+        key = "build-" + _listing_hash(items, texts, model, opts, "build")
+        scan_s = time.perf_counter() - started
+        shards, counts = _encode_all(root, key, model, items, texts, opts)
+        encode_s = time.perf_counter() - started - scan_s
+        all_skipped = [s.to_dict() for s in skipped] + _skipped_of(shards)
+        info = model_info(model)
+        n_ok = sum(len(json.loads((s / "shard.json").read_text())["items"]) for s in shards)
+        if n_ok == 0:
+            _log_skipped(all_skipped)
+            raise BuildError(f"nothing could be indexed from {gallery}: {len(all_skipped)} inputs skipped")
+        books = train_store(shards, spec, info["levels"], info["image_tokens"])
+        segment = write_segment(root, shards, spec, info, books)
+        seg_info = json.loads((root.segments / segment / "segment.json").read_text())
+        manifest = _manifest(info, model_path, spec, opts, all_skipped, "build", None)
+        manifest["timings"] = {"scan_s": round(scan_s, 3), "encode_s": round(encode_s, 3)}
+        manifest.update(counts)
+        rows = _rows(0, seg_info["images"]), _rows(0, seg_info["captions"])
+        version = write_version(root, [segment], *rows, manifest, opts.keep, opts.exact_limit)
+        shutil.rmtree(root.staging / key, ignore_errors=True)
+    _log_skipped(all_skipped)
+    return BuildResult(version, n_ok, seg_info["captions"], all_skipped, counts["resumed_shards"],
+                       counts["encoded_shards"], round(time.perf_counter() - started, 3))
+
+
+def _rows(segment: int, n: int) -> np.ndarray:
+    return np.stack([np.full(n, segment, np.int64), np.arange(n, dtype=np.int64)], axis=1)
+
+
+def _manifest(info, model_path, spec, opts, skipped, operation, parent) -> dict:
+    options = {k: v for k, v in asdict(opts).items() if k not in ("progress", "extra")}
+    return {
+        "model": {**info, "source": str(model_path)},
+        "store": spec.label(),
+        "dims": {"embed": info["embed_dim"], "global": info["global_dim"], "image_tokens": info["image_tokens"]},
+        "levels": info["levels"],
+        "skipped": skipped,
+        "options": options,
+        "operation": operation,
+        "parent": parent,
+    }
+
+
+def _log_skipped(skipped: list[dict]) -> None:
+    for s in skipped:
+        logger.warning("skipped %s: %s", s.get("id") or s["source"], s["reason"])
+
+
+def _current(root: IndexRoot) -> tuple[Path, dict]:
+    current = root.current_dir()
+    if current is None:
+        raise BuildError(f"{root.root}: no published index to change; run 'build' first")
+    return current, json.loads((current / "manifest.json").read_text())
+
+
+def add(gallery: str | Path, model_path: str, out: str | Path, opts: BuildOptions | None = None) -> BuildResult:
+    """Encode only the items of ``gallery`` whose ids are not indexed yet; publish old + new as a version."""
+    opts = opts or BuildOptions()
+    started = time.perf_counter()
+    root = IndexRoot(out)
+    items, skipped = read_gallery(gallery)
+    texts, text_skipped = read_texts(opts.texts) if opts.texts else ([], [])
+    skipped += text_skipped
+    model = _load(model_path, opts.device)
+    with root.lock():
+        current, manifest = _current(root)
+        if manifest["model"]["identity"] != model.identity:
+            raise BuildError(f"the index was built by model {manifest['model']['identity'][:12]}…, not {model_path}")
+        spec = StoreSpec.parse(manifest["store"])
+        present = _present_ids(root, manifest)
+        new = [it for it in items if it.id not in present["images"]]
+        skipped += [Skipped(it.path, "id already in the index", it.id) for it in items if it.id in present["images"]]
+        texts_new = [t for t in texts if t.id not in present["captions"]]
+        skipped += [Skipped(t.id, "text id already in the index", t.id) for t in texts if t.id in present["captions"]]
+        all_skipped = [s.to_dict() for s in skipped]
+        if not new and not texts_new:
+            _log_skipped(all_skipped)
+            return BuildResult(None, 0, 0, all_skipped, 0, 0, round(time.perf_counter() - started, 3))
+        key = f"add-{manifest['version']}-" + _listing_hash(new, texts_new, model, opts, "add")
+        shards, counts = _encode_all(root, key, model, new, texts_new, opts)
+        all_skipped += _skipped_of(shards)
+        info = model_info(model)
+        books = copy_codebooks(root.segments / manifest["segments"][-1], {}, info["levels"])
+        if spec.kind == "pca" and "image" not in books:
+            books = train_store(shards, spec, info["levels"], info["image_tokens"])
+        segment = write_segment(root, shards, spec, info, books)
+        seg_info = json.loads((root.segments / segment / "segment.json").read_text())
+        s = len(manifest["segments"])
+        image_rows = np.concatenate([np.load(current / "image_rows.npy"), _rows(s, seg_info["images"])])
+        caption_rows = np.concatenate([np.load(current / "caption_rows.npy"), _rows(s, seg_info["captions"])])
+        new_manifest = _manifest(info, model_path, spec, opts, all_skipped, "add", manifest["version"])
+        new_manifest.update(counts)
+        version = write_version(
+            root, [*manifest["segments"], segment], image_rows, caption_rows, new_manifest, opts.keep, opts.exact_limit
+        )
+        shutil.rmtree(root.staging / key, ignore_errors=True)
+    _log_skipped(all_skipped)
+    return BuildResult(version, seg_info["images"], seg_info["captions"], all_skipped, counts["resumed_shards"],
+                       counts["encoded_shards"], round(time.perf_counter() - started, 3))
+
+
+def _present_ids(root: IndexRoot, manifest: dict) -> dict[str, set[str]]:
+    current = root.versions / manifest["version"]
+    import sqlite3
+
+    db = sqlite3.connect(f"file:{current / 'metadata.sqlite'}?mode=ro", uri=True)
+    try:
+        return {
+            "images": {r[0] for r in db.execute("SELECT id FROM images")},
+            "captions": {r[0] for r in db.execute("SELECT id FROM captions")},
+        }
+    finally:
+        db.close()
+
+
+def remove(ids: list[str], out: str | Path, keep: int = 3) -> BuildResult:
+    """Publish a version without the given image ids (and their captions) or text ids."""
+    started = time.perf_counter()
+    root = IndexRoot(out)
+    drop = set(ids)
+    with root.lock():
+        current, manifest = _current(root)
+        image_rows = np.load(current / "image_rows.npy")
+        caption_rows = np.load(current / "caption_rows.npy")
+        segs = [root.segments / s for s in manifest["segments"]]
+        items = [read_jsonl(d / "items.jsonl") for d in segs]
+        captions = [read_jsonl(d / "captions.jsonl") for d in segs]
+        keep_img = np.array([items[s][r]["id"] not in drop for s, r in image_rows], dtype=bool)
+        keep_cap = np.array(
+            [captions[s][r]["image_id"] not in drop and captions[s][r]["id"] not in drop for s, r in caption_rows],
+            dtype=bool,
+        )
+        found = {items[s][r]["id"] for s, r in image_rows[~keep_img]} | {
+            captions[s][r]["id"] for s, r in caption_rows[~keep_cap] if captions[s][r]["image_id"] is None
+        }
+        missing = sorted(drop - found)
+        skipped = [{"source": i, "id": i, "reason": "id not in the index"} for i in missing]
+        if not found:
+            return BuildResult(None, 0, 0, skipped, 0, 0, round(time.perf_counter() - started, 3))
+        new_manifest = {k: manifest[k] for k in ("model", "store", "dims", "levels", "options")}
+        new_manifest.update(skipped=skipped, operation="remove", parent=manifest["version"], removed=sorted(found))
+        version = write_version(
+            root, manifest["segments"], image_rows[keep_img], caption_rows[keep_cap], new_manifest, keep,
+            manifest["options"].get("exact_limit", EXACT_LIMIT),
+        )
+    return BuildResult(version, -len(found), 0, skipped, 0, 0, round(time.perf_counter() - started, 3))
+
+
+def write_report(result: BuildResult, path: Path) -> None:
+    write_json(path, asdict(result))

@@ -1,0 +1,262 @@
+"""Reading a published index: FAISS candidates, feature gathering and the full HAT re-rank.
+
+``open_index(path)`` accepts an index root (follows ``current``) or one version directory, checks that
+everything the service will touch is there and consistent, and raises ``IndexFormatError`` naming the first
+problem otherwise. Nothing is loaded into memory but the FAISS indices and the id tables: token features stay
+memory-mapped and only the candidates' rows are read.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model.alignment import hierarchical_similarity
+
+from .errors import IndexFormatError
+from .layout import FORMAT_VERSION, INDEX_FORMAT, SEGMENT_FORMAT, IndexRoot
+from .store import PCACodebook, StoreError, Table
+
+
+@dataclass
+class ScoringSpec:
+    """What the re-rank needs from the model: its levels' scoring rule."""
+
+    lambda_softmax: float
+    direction: str
+
+
+class Segment:
+    """One segment's memory-mapped tables (``image.l*``, ``caption.l*``) and global vectors."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        try:
+            self.info = json.loads((directory / "segment.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise IndexFormatError(f"segment {directory.name}: cannot read segment.json ({exc})") from exc
+        if self.info.get("format") != SEGMENT_FORMAT or self.info.get("format_version") != FORMAT_VERSION:
+            raise IndexFormatError(
+                f"segment {directory.name}: format {self.info.get('format')!r} version "
+                f"{self.info.get('format_version')!r}, this reader needs {SEGMENT_FORMAT!r} {FORMAT_VERSION}"
+            )
+        kinds, levels = self.info["store_kinds"], self.info["levels"]
+        try:
+            self.image = [self._table(f"image.l{i + 1}", kinds["image"]) for i in range(levels)]
+            self.caption = [self._table(f"caption.l{i + 1}", kinds["caption"]) for i in range(levels)]
+            self.offsets = np.load(directory / "caption.offsets.npy")
+            self.image_global = np.load(directory / "image.global.npy", mmap_mode="r")
+            self.caption_global = np.load(directory / "caption.global.npy", mmap_mode="r")
+        except (OSError, ValueError, StoreError) as exc:
+            raise IndexFormatError(f"segment {directory.name}: {exc}") from exc
+        n, m = self.info["images"], self.info["captions"]
+        checks = {
+            "image rows": (len(self.image[0]), n),
+            "image vectors": (len(self.image_global), n),
+            "caption offsets": (len(self.offsets), m + 1),
+            "caption vectors": (len(self.caption_global), m),
+            "caption tokens": (len(self.caption[0]), int(self.offsets[-1]) if len(self.offsets) else 0),
+        }
+        for what, (got, want) in checks.items():
+            if got != want:
+                raise IndexFormatError(f"segment {directory.name}: {what}: found {got}, segment.json says {want}")
+
+    def _table(self, name: str, kind: str) -> Table:
+        book = PCACodebook.load(str(self.dir / f"codebook.{name}")) if kind == "pca" else None
+        return Table(self.dir, name, kind, book)
+
+
+class GalleryIndex:
+    """One published version: search by global vector, gather features, re-rank, look up metadata."""
+
+    def __init__(self, directory: Path) -> None:
+        import faiss
+
+        self.dir = directory
+        manifest = _read_manifest(directory)
+        self.manifest = manifest
+        self.version = manifest["version"]
+        self.model_identity = manifest["model"]["identity"]
+        self.scoring = ScoringSpec(manifest["model"]["lambda_softmax"], manifest["model"]["direction"])
+        segments_dir = directory.parent.parent / "segments"
+        self.segments = [Segment(segments_dir / sid) for sid in manifest["segments"]]
+        try:
+            self.image_rows = np.load(directory / "image_rows.npy")  # [N, 2]: segment, local row
+            self.caption_rows = np.load(directory / "caption_rows.npy")  # [M, 2]
+        except (OSError, ValueError) as exc:
+            raise IndexFormatError(f"index {directory}: cannot read the row tables ({exc})") from exc
+        self.num_images, self.num_captions = len(self.image_rows), len(self.caption_rows)
+        counts = manifest["counts"]
+        if (self.num_images, self.num_captions) != (counts["images"], counts["captions"]):
+            raise IndexFormatError(
+                f"index {directory}: row tables hold {self.num_images} images / {self.num_captions} captions, "
+                f"manifest says {counts['images']} / {counts['captions']}"
+            )
+        self.faiss = {}
+        for kind, count in (("images", self.num_images), ("captions", self.num_captions)):
+            path = directory / f"{kind}.faiss"
+            if count == 0:
+                continue
+            try:
+                index = faiss.read_index(str(path))
+            except RuntimeError as exc:
+                reason = str(exc).splitlines()[0]
+                raise IndexFormatError(f"index {directory}: cannot read {path.name}: {reason}") from exc
+            if index.ntotal != count:
+                raise IndexFormatError(f"index {directory}: {path.name} holds {index.ntotal} vectors, expected {count}")
+            if hasattr(index, "nprobe"):
+                faiss.extract_index_ivf(index).nprobe = int(manifest["faiss"]["nprobe"])
+            self.faiss[kind] = index
+        try:
+            uri = f"file:{directory / 'metadata.sqlite'}?mode=ro"
+            self.db = sqlite3.connect(uri, uri=True, check_same_thread=False)
+            self.db.execute("SELECT count(*) FROM images").fetchone()
+        except sqlite3.Error as exc:
+            raise IndexFormatError(f"index {directory}: cannot read metadata.sqlite ({exc})") from exc
+
+    # ------------------------------------------------------------------------------------- first stage
+
+    def search(self, kind: str, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """FAISS inner-product search over ``kind`` ("images" or "captions") -> (scores, rows) ``[B, k]``.
+
+        Rows beyond the gallery are dropped (FAISS pads them with -1).
+        """
+        index = self.faiss.get(kind)
+        q = np.ascontiguousarray(np.atleast_2d(vectors), dtype=np.float32)
+        if index is None or k <= 0:
+            return np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int64)
+        scores, rows = index.search(q, min(k, index.ntotal))
+        keep = (rows >= 0).all(axis=0)
+        return scores[:, keep], rows[:, keep]
+
+    # ----------------------------------------------------------------------------------------- re-rank
+
+    def rerank_images(
+        self, text_levels: list[torch.Tensor], length: int, rows: np.ndarray, dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
+        """HAT scores ``[K]`` of one caption (per level ``[1, L, D]``) against gallery images ``rows [K]``."""
+        out = torch.empty(len(rows), dtype=torch.float32)
+        lengths = torch.tensor([length])
+        for seg_index, positions, local in self._by_segment(self.image_rows, rows):
+            seg = self.segments[seg_index]
+            images = [t.rows(local, dtype) for t in seg.image]
+            norms = [t.norms(local) for t in seg.image]
+            texts = [t.rotate(x[:, :length].float()).to(dtype) for t, x in zip(seg.image, text_levels, strict=True)]
+            scores = hierarchical_similarity(
+                images, texts, lengths, self.scoring.lambda_softmax, self.scoring.direction, image_norms=norms
+            )
+            out[positions] = scores[:, 0]
+        return out
+
+    def rerank_captions(
+        self, image_levels: list[torch.Tensor], rows: np.ndarray, dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
+        """HAT scores ``[K]`` of one image (per level ``[1, R_l, D]``) against gallery captions ``rows [K]``."""
+        out = torch.empty(len(rows), dtype=torch.float32)
+        for seg_index, positions, local in self._by_segment(self.caption_rows, rows):
+            seg = self.segments[seg_index]
+            starts, ends = seg.offsets[local], seg.offsets[local + 1]
+            lengths = torch.from_numpy(ends - starts)
+            width = int(lengths.max())
+            # Token rows of each caption, padded by repeating its last token (masked by the lengths).
+            take = np.minimum(starts[:, None] + np.arange(width)[None, :], (ends - 1)[:, None])
+            texts = [t.rows(take.reshape(-1), dtype).reshape(len(local), width, -1) for t in seg.caption]
+            images = [t.rotate(x.float()).to(dtype) for t, x in zip(seg.caption, image_levels, strict=True)]
+            scores = hierarchical_similarity(
+                images, texts, lengths, self.scoring.lambda_softmax, self.scoring.direction
+            )
+            out[positions] = scores[0]
+        return out
+
+    @staticmethod
+    def _by_segment(table: np.ndarray, rows: np.ndarray):
+        rows = np.asarray(rows, dtype=np.int64)
+        where = table[rows]
+        for seg_index in np.unique(where[:, 0]):
+            positions = np.flatnonzero(where[:, 0] == seg_index)
+            yield int(seg_index), torch.from_numpy(positions), where[positions, 1]
+
+    # ---------------------------------------------------------------------------------------- metadata
+
+    def images(self, rows) -> list[dict]:
+        """``[{"row", "id", "path", "metadata"}]`` for image rows, in the order given."""
+        return self._lookup("SELECT row, id, path, metadata FROM images WHERE row IN ({})", rows, _image_dict)
+
+    def captions(self, rows) -> list[dict]:
+        """``[{"row", "id", "image_id", "text", "metadata"}]`` for caption rows, in the order given."""
+        return self._lookup(
+            "SELECT row, id, image_id, text, metadata FROM captions WHERE row IN ({})", rows, _caption_dict
+        )
+
+    def image_by_id(self, image_id: str) -> dict | None:
+        row = self.db.execute("SELECT row, id, path, metadata FROM images WHERE id = ?", (image_id,)).fetchone()
+        return _image_dict(row) if row else None
+
+    def _lookup(self, sql: str, rows, convert) -> list[dict]:
+        rows = [int(r) for r in rows]
+        if not rows:
+            return []
+        found = {r[0]: convert(r) for r in self.db.execute(sql.format(",".join("?" * len(rows))), rows)}
+        return [found[r] for r in rows]
+
+    def close(self) -> None:
+        self.db.close()
+
+
+def _image_dict(r) -> dict:
+    return {"row": r[0], "id": r[1], "path": r[2], "metadata": json.loads(r[3]) if r[3] else {}}
+
+
+def _caption_dict(r) -> dict:
+    return {"row": r[0], "id": r[1], "image_id": r[2], "text": r[3], "metadata": json.loads(r[4]) if r[4] else {}}
+
+
+def _read_manifest(directory: Path) -> dict:
+    path = directory / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise IndexFormatError(f"{directory}: no manifest.json (not an index version)") from exc
+    except (OSError, ValueError) as exc:
+        raise IndexFormatError(f"{path}: unreadable manifest ({exc})") from exc
+    if manifest.get("format") != INDEX_FORMAT:
+        raise IndexFormatError(f"{path}: format {manifest.get('format')!r} is not {INDEX_FORMAT!r}")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise IndexFormatError(
+            f"{path}: format version {manifest.get('format_version')!r}; this build reads version {FORMAT_VERSION}"
+        )
+    for key in ("version", "model", "counts", "segments", "faiss"):
+        if key not in manifest:
+            raise IndexFormatError(f"{path}: manifest lacks {key!r}")
+    return manifest
+
+
+def open_index(path: str | Path, expect_identity: str | None = None) -> GalleryIndex:
+    """Open an index root (its ``current`` version) or a version directory.
+
+    Raises:
+        IndexFormatError: nothing published, missing/truncated/inconsistent files, another format version,
+            or (with ``expect_identity``) an index built by a different model.
+    """
+    path = Path(path)
+    root = IndexRoot(path)
+    if (path / "versions").is_dir() or root.current.is_symlink():
+        current = root.current_dir()
+        if current is None:
+            raise IndexFormatError(f"{path}: no index published yet (no 'current' pointer)")
+        path = current
+    if not path.is_dir():
+        raise IndexFormatError(f"{path}: no such index directory")
+    index = GalleryIndex(path)
+    if expect_identity is not None and index.model_identity != expect_identity:
+        index.close()
+        raise IndexFormatError(
+            f"{path}: built by model {index.model_identity[:12]}…, but the loaded model is {expect_identity[:12]}…; "
+            "rebuild the index with this model or load the model it was built with"
+        )
+    return index

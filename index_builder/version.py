@@ -1,0 +1,223 @@
+"""Writing segments (encoded shards merged and stored) and versions (FAISS + metadata + manifest over segments)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import sqlite3
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .layout import FORMAT_VERSION, INDEX_FORMAT, SEGMENT_FORMAT, IndexRoot, new_name, write_json
+from .store import PCACodebook, StoreSpec, train_codebooks, write_table
+
+logger = logging.getLogger(__name__)
+EXACT_LIMIT = 50_000  # galleries up to this many vectors get an exact (flat) FAISS index; IVF above
+
+
+def _load_shards(shards: list[Path], name: str) -> list[np.ndarray]:
+    return [np.load(s / name, mmap_mode="r") for s in shards if (s / name).exists()]
+
+
+def _cat(parts: list[np.ndarray], tail: tuple[int, ...], dtype=np.float32) -> np.ndarray:
+    return np.concatenate([np.asarray(p, dtype=dtype) for p in parts]) if parts else np.zeros((0, *tail), dtype)
+
+
+def _sample_rows(parts: list[np.ndarray], limit: int, seed: int = 0) -> np.ndarray:
+    """Up to ``limit`` token rows ``[T, D]`` float32 spread over all shards."""
+    flat = [p.reshape(-1, p.shape[-1]) for p in parts if p.size]
+    total = sum(len(p) for p in flat)
+    if not total:
+        return np.zeros((0, parts[0].shape[-1] if parts else 1), np.float32)
+    rng = np.random.default_rng(seed)
+    keep = max(1, int(limit * 1.0))
+    return np.concatenate([np.asarray(p[np.sort(rng.choice(len(p), min(len(p), -(-keep * len(p) // total)),
+                                                               replace=False))], np.float32) for p in flat])
+
+
+def train_store(shards: list[Path], spec: StoreSpec, levels: int, image_tokens: list[int]) -> dict:
+    """Codebooks for a pca store (``{"image": [...], "caption": [...]}``), fitted on a sample of the shards."""
+    if spec.kind != "pca":
+        return {}
+    books = {}
+    image = [_sample_rows(_load_shards(shards, f"image.l{i + 1}.npy"), 200_000) for i in range(levels)]
+    caption = [_sample_rows(_load_shards(shards, f"caption.l{i + 1}.npy"), 200_000) for i in range(levels)]
+    offsets = _load_shards(shards, "caption.offsets.npy")
+    count = sum(len(o) - 1 for o in offsets)
+    mean_len = (sum(int(o[-1]) for o in offsets) / count) if count else 16.0
+    has_captions = all(len(c) > 1 for c in caption)
+    books["image"] = train_codebooks(image, caption if has_captions else [None] * levels, image_tokens, spec.bits)
+    if has_captions:
+        books["caption"] = train_codebooks(caption, image, [mean_len] * levels, spec.bits)
+    return books
+
+
+def write_segment(root: IndexRoot, shards: list[Path], spec: StoreSpec, model_info: dict, books: dict) -> str:
+    """Merge committed shard directories into a new segment; returns its name. Atomic (rename at the end)."""
+    name = new_name("seg-")
+    tmp = root.segments / f"building-{name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    levels = model_info["levels"]
+    dim, gdim = model_info["embed_dim"], model_info["global_dim"]
+    items, captions = [], []
+    for shard in shards:
+        summary = json.loads((shard / "shard.json").read_text())
+        items += summary["items"]
+        captions += summary["captions"]
+    for kind in ("image", "caption"):
+        for level in range(levels):
+            parts = _load_shards(shards, f"{kind}.l{level + 1}.npy")
+            tail = (model_info["image_tokens"][level], dim) if kind == "image" else (dim,)
+            book = books.get(kind, [None] * levels)[level]
+            table_spec = spec if book is not None or spec.kind != "pca" else StoreSpec("float16")
+            write_table(tmp, f"{kind}.l{level + 1}", parts, tail, table_spec, book)
+            if book is not None:
+                book.save(str(tmp / f"codebook.{kind}.l{level + 1}"))
+        np.save(tmp / f"{kind}.global.npy", _cat(_load_shards(shards, f"{kind}.global.npy"), (gdim,)))
+    offsets = [np.asarray(o) for o in _load_shards(shards, "caption.offsets.npy")]
+    merged, base = [np.zeros(1, np.int64)], 0
+    for o in offsets:
+        merged.append(o[1:] + base)
+        base += int(o[-1])
+    np.save(tmp / "caption.offsets.npy", np.concatenate(merged).astype(np.int64))
+    _write_jsonl(tmp / "items.jsonl", items)
+    _write_jsonl(tmp / "captions.jsonl", captions)
+    kinds = {kind: "pca" if kind in books else _plain(spec) for kind in ("image", "caption")}
+    info = {
+        "format": SEGMENT_FORMAT,
+        "format_version": FORMAT_VERSION,
+        "store": spec.label(),
+        "store_kinds": kinds,
+        "levels": levels,
+        "images": len(items),
+        "captions": len(captions),
+        "model_identity": model_info["identity"],
+    }
+    write_json(tmp / "segment.json", info)
+    tmp.rename(root.segments / name)
+    return name
+
+
+def _plain(spec: StoreSpec) -> str:
+    return "float16" if spec.kind == "pca" else spec.kind
+
+
+def copy_codebooks(src: Path, dst_books: dict, levels: int) -> dict:
+    """The codebooks of segment ``src`` (an ``add`` reuses them so one version shares one rotation)."""
+    books = dict(dst_books)
+    for kind in ("image", "caption"):
+        if (src / f"codebook.{kind}.l1.basis.npy").exists():
+            books[kind] = [PCACodebook.load(str(src / f"codebook.{kind}.l{i + 1}")) for i in range(levels)]
+    return books
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    with open(path, "w") as fh:
+        for row in rows:
+            fh.write(json.dumps(row) + "\n")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+def build_faiss(vectors: np.ndarray, exact_limit: int = EXACT_LIMIT):
+    """Inner-product index of unit vectors ``[n, G]``: flat (exact) up to ``exact_limit``, IVF-Flat above.
+
+    Trained and filled on GPU when FAISS has GPUs, always returned as a CPU index (loadable anywhere).
+    """
+    import faiss
+
+    n, d = vectors.shape
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    if n <= exact_limit:
+        index = faiss.IndexFlatIP(d)
+        index.add(vectors)
+        return index, {"type": "flat-ip", "exact": True}
+    nlist = int(2 ** round(math.log2(4 * math.sqrt(n))))
+    index = faiss.index_factory(d, f"IVF{nlist},Flat", faiss.METRIC_INNER_PRODUCT)
+    gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+    work = faiss.index_cpu_to_all_gpus(index) if gpus else index
+    rng = np.random.default_rng(0)
+    work.train(vectors[rng.choice(n, min(n, 64 * nlist), replace=False)])
+    work.add(vectors)
+    index = faiss.index_gpu_to_cpu(work) if gpus else work
+    return index, {"type": f"ivf{nlist}-flat-ip", "exact": False, "nlist": nlist, "built_on_gpu": bool(gpus)}
+
+
+def write_version(
+    root: IndexRoot,
+    segments: list[str],
+    image_rows: np.ndarray,
+    caption_rows: np.ndarray,
+    manifest: dict,
+    keep: int,
+    exact_limit: int = EXACT_LIMIT,
+) -> str:
+    """Write FAISS, metadata and manifest for ``segments`` restricted to the given rows; publish atomically."""
+    import faiss
+
+    started = time.perf_counter()
+    version = new_name("v-")
+    tmp = root.versions / f".tmp-{version}"
+    tmp.mkdir(parents=True)
+    seg_dirs = [root.segments / s for s in segments]
+    np.save(tmp / "image_rows.npy", image_rows.astype(np.int64).reshape(-1, 2))
+    np.save(tmp / "caption_rows.npy", caption_rows.astype(np.int64).reshape(-1, 2))
+    faiss_info = {}
+    for kind, rows, fname in (("image", image_rows, "images"), ("caption", caption_rows, "captions")):
+        if len(rows) == 0:
+            faiss_info[fname] = None
+            continue
+        globals_ = [np.load(d / f"{kind}.global.npy", mmap_mode="r") for d in seg_dirs]
+        vectors = np.stack([globals_[s][r] for s, r in rows])
+        index, info = build_faiss(vectors, exact_limit)
+        faiss.write_index(index, str(tmp / f"{fname}.faiss"))
+        faiss_info[fname] = info
+    faiss_info["nprobe"] = 32
+    _write_metadata(tmp / "metadata.sqlite", seg_dirs, image_rows, caption_rows)
+    manifest = dict(manifest)
+    manifest.update(
+        format=INDEX_FORMAT,
+        format_version=FORMAT_VERSION,
+        version=version,
+        segments=segments,
+        counts={"images": len(image_rows), "captions": len(caption_rows)},
+        faiss=faiss_info,
+    )
+    manifest.setdefault("timings", {})["index_and_publish_s"] = round(time.perf_counter() - started, 3)
+    write_json(tmp / "manifest.json", manifest)
+    root.publish(tmp, version, keep)
+    return version
+
+
+def _write_metadata(path: Path, seg_dirs: list[Path], image_rows: np.ndarray, caption_rows: np.ndarray) -> None:
+    items = [read_jsonl(d / "items.jsonl") for d in seg_dirs]
+    captions = [read_jsonl(d / "captions.jsonl") for d in seg_dirs]
+    db = sqlite3.connect(path)
+    with db:
+        db.execute("CREATE TABLE images (row INTEGER PRIMARY KEY, id TEXT UNIQUE NOT NULL, path TEXT, metadata TEXT)")
+        db.execute(
+            "CREATE TABLE captions (row INTEGER PRIMARY KEY, id TEXT NOT NULL, image_id TEXT, text TEXT, metadata TEXT)"
+        )
+        db.executemany(
+            "INSERT INTO images VALUES (?, ?, ?, ?)",
+            (
+                (row, it["id"], it["path"], json.dumps(it["metadata"]))
+                for row, it in enumerate(items[s][r] for s, r in image_rows)
+            ),
+        )
+        db.executemany(
+            "INSERT INTO captions VALUES (?, ?, ?, ?, ?)",
+            (
+                (row, c["id"], c["image_id"], c["text"], json.dumps(c["metadata"]))
+                for row, c in enumerate(captions[s][r] for s, r in caption_rows)
+            ),
+        )
+        db.execute("CREATE INDEX captions_image ON captions (image_id)")
+    db.close()

@@ -1,0 +1,86 @@
+"""Helpers shared by the index builder tests (imported by name: tests/ directories are not packages)."""
+
+from __future__ import annotations
+
+import io
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[2]
+DEMO_MODEL = REPO / "models" / "demo"
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width x height`` and which holds no pixel data (a bomb's header)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+# Every kind of bad or unusual input the builder must survive: name -> expected reason fragment (None = indexed).
+BAD_FILES = {
+    "bad/corrupt.jpg": "cannot decode",
+    "bad/truncated.png": "cannot decode",
+    "bad/empty.png": "cannot decode",
+    "bad/notes.jpg": "cannot decode",  # text with an image suffix
+    "bad/bomb.png": "decompression bomb",
+    "bad/readme.md": "not an image file type",
+    "odd/cmyk.jpg": None,
+    "odd/gray16.png": None,
+    "odd/palette_alpha.png": None,
+    "odd/rgba.webp": None,
+    "odd/exif_rotated.jpg": None,
+    "odd/animated.gif": None,
+    "odd/plain.bmp": None,
+    "odd/plain.tiff": None,
+}
+
+
+def write_bad_files(folder: Path, source_png: Path) -> None:
+    rng = np.random.default_rng(0)
+    for name in BAD_FILES:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+    good = Image.open(source_png).convert("RGB")
+    (folder / "bad/corrupt.jpg").write_bytes(rng.integers(0, 256, 5000, dtype=np.uint8).tobytes())
+    buf = io.BytesIO()
+    good.save(buf, "PNG")
+    (folder / "bad/truncated.png").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    (folder / "bad/empty.png").write_bytes(b"")
+    (folder / "bad/notes.jpg").write_text("this is not a picture\n")
+    (folder / "bad/bomb.png").write_bytes(png_header_only(30000, 30000))
+    (folder / "bad/readme.md").write_text("# gallery notes\n")
+    good.convert("CMYK").save(folder / "odd/cmyk.jpg")
+    gray = (np.asarray(good.convert("L"), dtype=np.uint16) * 257).astype(np.uint16)
+    Image.fromarray(gray).save(folder / "odd/gray16.png")
+    pal = good.convert("P", palette=Image.Palette.ADAPTIVE)
+    pal.info["transparency"] = 0
+    pal.save(folder / "odd/palette_alpha.png", transparency=0)
+    rgba = good.convert("RGBA")
+    rgba.putalpha(128)
+    rgba.save(folder / "odd/rgba.webp")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 on display
+    good.save(folder / "odd/exif_rotated.jpg", exif=exif)
+    good.save(folder / "odd/animated.gif", save_all=True, append_images=[good.rotate(90)])
+    good.save(folder / "odd/plain.bmp")
+    good.save(folder / "odd/plain.tiff")
+
+
+def run_cli(*args: str, check: bool = True):
+    proc = subprocess.run(
+        [sys.executable, "-m", "index_builder", *args, "--no-progress"] if args[0] != "remove" else
+        [sys.executable, "-m", "index_builder", *args],
+        capture_output=True, text=True, cwd=REPO, timeout=600,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"index_builder {args} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc

@@ -1,0 +1,266 @@
+"""The rebuild job end to end: real model, real FAISS, real files, real processes killed with SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from builder_helpers import BAD_FILES, DEMO_MODEL, REPO, run_cli
+
+from index_builder import BuildOptions, IndexFormatError, IndexRoot, add, build, open_index, remove
+from index_builder.gallery import read_manifest
+from model import load_model
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return load_model(DEMO_MODEL)
+
+
+def _opts(**kw) -> BuildOptions:
+    return BuildOptions(progress=False, **kw)
+
+
+def test_folder_with_every_bad_file_kind(bad_folder, tmp_path):
+    result = build(bad_folder, str(DEMO_MODEL), tmp_path / "idx", _opts(shard_size=8))
+    reasons = {s["id"]: s["reason"] for s in result.skipped}
+    expected_bad = {name: why for name, why in BAD_FILES.items() if why}
+    assert set(reasons) == set(expected_bad)
+    for name, fragment in expected_bad.items():
+        assert fragment in reasons[name], (name, reasons[name])
+    unusual = [name for name, why in BAD_FILES.items() if why is None]
+    assert result.indexed == 8 + len(unusual)
+    assert result.captions == 8 * 5  # side-car captions of the 8 scenes
+    index = open_index(tmp_path / "idx")
+    manifest = index.manifest
+    assert manifest["counts"] == {"images": result.indexed, "captions": 40}
+    assert {s["id"] for s in manifest["skipped"]} == set(expected_bad)
+    assert {m["id"] for m in index.images(range(index.num_images))} >= set(unusual)
+
+
+def test_bad_manifest_lines_and_duplicates(world, tmp_path):
+    lines = (world / "manifest.jsonl").read_text().splitlines()[:3]
+    first = json.loads(lines[0])
+    extra = [
+        "{not json",
+        json.dumps([1, 2]),
+        json.dumps({"image": "images/x.png"}),
+        json.dumps({"id": "no-image"}),
+        json.dumps({"id": "bad-captions", "image": first["image"], "captions": "a string"}),
+        json.dumps(first),  # duplicate id
+        json.dumps({"id": "missing", "image": "images/does-not-exist.png"}),
+    ]
+    manifest = world / "bad_manifest.jsonl"
+    manifest.write_text("\n".join(lines + extra) + "\n")
+    items, skipped = read_manifest(manifest)
+    assert [it.id for it in items] == [json.loads(line)["id"] for line in lines] + ["missing"]
+    assert len(skipped) == 6
+    assert any("duplicate id" in s.reason for s in skipped)
+    proc = run_cli("build", "--gallery", str(manifest), "--model", str(DEMO_MODEL), "--out", str(tmp_path / "i"))
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["indexed"] == 3 and summary["skipped"] == 7
+    assert "file not found" in proc.stderr
+
+
+def test_nothing_indexable_or_unloadable_model_exits_nonzero(tmp_path, world):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "junk.png").write_bytes(b"junk")
+    proc = run_cli("build", "--gallery", str(empty), "--model", str(DEMO_MODEL), "--out", str(tmp_path / "a"),
+                   check=False)
+    assert proc.returncode != 0 and "nothing could be indexed" in proc.stderr
+    assert not (tmp_path / "a" / "current").exists()
+    proc = run_cli("build", "--gallery", str(world / "manifest.jsonl"), "--model", str(tmp_path / "nope"),
+                   "--out", str(tmp_path / "b"), check=False)
+    assert proc.returncode != 0 and "cannot load model" in proc.stderr
+
+
+def _search_text(index, model, caption: str, candidates: int = 10) -> list[str]:
+    with torch.inference_mode():
+        levels, lengths = model.encode_text_strings([caption])
+        _, rows = index.search("images", model.global_texts(levels, lengths).numpy(), candidates)
+        scores = index.rerank_images(levels, int(lengths[0]), rows[0])
+    order = rows[0][torch.argsort(scores, descending=True).numpy()]
+    return [m["id"] for m in index.images(order)]
+
+
+@pytest.mark.parametrize("store", ["float16", "pca:2"])
+def test_own_caption_retrieves_its_image(world, tmp_path, demo, store):
+    build(world / "manifest.jsonl", str(DEMO_MODEL), tmp_path / "idx", _opts(store=store))
+    index = open_index(tmp_path / "idx", expect_identity=demo.identity)
+    hits = 0
+    items, _ = read_manifest(world / "manifest.jsonl")
+    for item in items:
+        hits += item.id in _search_text(index, demo, item.captions[0], candidates=10)[:5]
+    assert hits >= 0.8 * len(items), f"{hits}/{len(items)} images found by their own caption in the top 5"
+    # Image -> captions: an image's own captions come back near the top of the re-ranked candidates.
+    with torch.inference_mode():
+        from model import load_image, preprocess_image
+
+        own = 0
+        for item in items[:8]:
+            pixels = preprocess_image(load_image(item.path), demo.config.image.image_size)[None]
+            levels = demo.encode_images(pixels)
+            _, rows = index.search("captions", demo.global_images(levels).numpy(), 25)
+            scores = index.rerank_captions(levels, rows[0])
+            top5 = index.captions(rows[0][torch.argsort(scores, descending=True)[:5].numpy()])
+            own += any(c["image_id"] == item.id for c in top5)
+        assert own >= 6, f"{own}/8 images have one of their captions in the re-ranked top 5"
+
+
+def test_add_and_remove_round_trip(world, tmp_path, demo):
+    manifest = world / "manifest.jsonl"
+    lines = manifest.read_text().splitlines()
+    first, second = world / "first.jsonl", world / "second.jsonl"  # image paths are relative to the world
+    first.write_text("\n".join(lines[:14]) + "\n")
+    second.write_text("\n".join(lines[10:]) + "\n")  # overlaps the first by four ids
+    root = tmp_path / "idx"
+    build(first, str(DEMO_MODEL), root, _opts(store="pca:2"))
+    v1 = IndexRoot(root).current_version()
+    added = add(second, str(DEMO_MODEL), root, _opts())
+    assert added.indexed == len(lines) - 14
+    assert sum("already in the index" in s["reason"] for s in added.skipped) == 4
+    full = open_index(root)
+    assert full.num_images == len(lines) and full.num_captions == 5 * len(lines)
+    assert len(full.manifest["segments"]) == 2 and full.manifest["parent"] == v1
+    # Nothing new: no new version.
+    assert add(second, str(DEMO_MODEL), root, _opts()).version is None
+    gone = [json.loads(line)["id"] for line in lines[:2]]
+    removed = remove([*gone, "no-such-id"], root)
+    assert removed.skipped == [{"source": "no-such-id", "id": "no-such-id", "reason": "id not in the index"}]
+    after = open_index(root)
+    ids = {m["id"] for m in after.images(range(after.num_images))}
+    assert after.num_images == len(lines) - 2 and not ids & set(gone)
+    assert all(c["image_id"] not in gone for c in after.captions(range(after.num_captions)))
+    # Search results never name removed ids.
+    item = json.loads(lines[0])
+    assert not set(_search_text(after, demo, item["captions"][0], 30)) & set(gone)
+    # The older versions are kept (default 3) and still open.
+    assert len(IndexRoot(root).list_versions()) == 3
+    assert open_index(root / "versions" / v1).num_images == 14
+
+
+def _features_by_id(index) -> dict[str, list[np.ndarray]]:
+    ids = [m["id"] for m in index.images(range(index.num_images))]
+    out = {}
+    for row, item_id in enumerate(ids):
+        seg, local = index.image_rows[row]
+        out[item_id] = [t.rows(np.array([local]))[0].numpy() for t in index.segments[seg].image]
+    return out
+
+
+def test_kill_9_mid_build_then_resume_equals_uninterrupted(world, tmp_path):
+    gallery = str(world / "manifest.jsonl")
+    args = ["--gallery", gallery, "--model", str(DEMO_MODEL), "--shard-size", "2", "--batch-size", "2"]
+    clean = tmp_path / "clean"
+    run_cli("build", *args, "--out", str(clean))
+    root = tmp_path / "killed"
+    run_cli("build", *args, "--out", str(root))  # a live index that the killed build must not damage
+    live = IndexRoot(root).current_version()
+    (world / "images" / "touch").write_text("")  # no effect on the listing: ids come from the manifest
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "index_builder", "build", *args, "--out", str(root), "--store", "pca:2",
+         "--no-progress"], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        shards = list((root / "staging").glob("build-*/shard-*"))
+        if len(shards) >= 3:
+            break
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert 3 <= len(shards) < 12, "the kill must land mid-build"
+    assert IndexRoot(root).current_version() == live
+    assert open_index(root).num_images == 24  # the live index still opens and is whole
+    done = run_cli("build", *args, "--out", str(root), "--store", "pca:2")
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["resumed_shards"] >= 3 and summary["encoded_shards"] == 12 - summary["resumed_shards"]
+    resumed = open_index(root)
+    reference = open_index(clean)
+    assert resumed.version != live
+    a = {m["id"]: m for m in resumed.images(range(24))}
+    b = {m["id"]: m for m in reference.images(range(24))}
+    assert a.keys() == b.keys() and all(a[k]["metadata"] == b[k]["metadata"] for k in a)
+    # Features equal to the uninterrupted build's (float16 store vs float16 shards; pca compared on scores).
+    clean_pca = tmp_path / "clean_pca"
+    run_cli("build", *args, "--out", str(clean_pca), "--store", "pca:2")
+    fa, fb = _features_by_id(resumed), _features_by_id(open_index(clean_pca))
+    for k in fa:
+        for x, y in zip(fa[k], fb[k], strict=True):
+            np.testing.assert_allclose(x, y, atol=1e-3)
+    demo = load_model(DEMO_MODEL)
+    for line in (world / "manifest.jsonl").read_text().splitlines()[:6]:
+        caption = json.loads(line)["captions"][1]
+        assert _search_text(resumed, demo, caption) == _search_text(open_index(clean_pca), demo, caption)
+
+
+def test_reader_polling_current_never_sees_a_partial_index(world, tmp_path):
+    root = tmp_path / "idx"
+    build(world / "manifest.jsonl", str(DEMO_MODEL), root, _opts())
+    seen, errors, stop = set(), [], threading.Event()
+
+    def poll():
+        while not stop.is_set():
+            try:
+                index = open_index(root)
+                assert index.num_images == 24 and index.faiss["images"].ntotal == 24
+                seen.add(index.version)
+                index.close()
+            except Exception as exc:  # any failure to open a published index is the bug under test
+                errors.append(repr(exc))
+
+    thread = threading.Thread(target=poll)
+    thread.start()
+    try:
+        for _ in range(3):
+            build(world / "manifest.jsonl", str(DEMO_MODEL), root, _opts(keep=2))
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        thread.join()
+    assert not errors, errors[:3]
+    assert len(seen) >= 3
+
+
+def test_reader_refuses_broken_indexes(world, tmp_path, demo):
+    root = tmp_path / "idx"
+    build(world / "manifest.jsonl", str(DEMO_MODEL), root, _opts())
+    with pytest.raises(IndexFormatError, match="no index published"):
+        open_index(tmp_path / "fresh" if (tmp_path / "fresh" / "versions").mkdir(parents=True) is None else None)
+    with pytest.raises(IndexFormatError, match="built by model"):
+        open_index(root, expect_identity="0" * 64)
+    current = IndexRoot(root).current_dir()
+    manifest = json.loads((current / "manifest.json").read_text())
+    seg = root / "segments" / manifest["segments"][0]
+    table = seg / "image.l1.f16.npy"
+    original = table.read_bytes()
+    table.write_bytes(original[: len(original) // 2])
+    with pytest.raises(IndexFormatError, match=r"image\.l1"):
+        open_index(root)
+    table.write_bytes(original)
+    (current / "manifest.json").write_text(json.dumps({**manifest, "format_version": 99}))
+    with pytest.raises(IndexFormatError, match="format version 99"):
+        open_index(root)
+    (current / "manifest.json").write_text(json.dumps(manifest))
+    (current / "images.faiss").rename(current / "moved.faiss")
+    with pytest.raises(IndexFormatError, match=r"images\.faiss"):
+        open_index(root)
+    (current / "moved.faiss").rename(current / "images.faiss")
+    assert open_index(root, expect_identity=demo.identity).num_images == 24
+
+
+def test_second_builder_is_refused_while_one_holds_the_lock(world, tmp_path):
+    from index_builder import BuildError
+
+    root = IndexRoot(tmp_path / "idx")
+    with root.lock(), pytest.raises(BuildError, match="another build"):
+        build(world / "manifest.jsonl", str(DEMO_MODEL), root.root, _opts())
