@@ -206,7 +206,21 @@ def generate(out: Path, seed: int, splits: dict[str, int], canvas: int = 146) ->
             )
     path = out / "dataset.json"
     path.write_text(json.dumps({"dataset": "hat-synthetic", "seed": seed, "images": records}))
+    write_gallery_manifest(records, out / "manifest.jsonl")
     return path
+
+
+def write_gallery_manifest(records: list[dict], path: Path) -> None:
+    """The same scenes as a gallery manifest for ``python -m index_builder`` (one JSON object per line)."""
+    with open(path, "w") as fh:
+        for r in records:
+            item = {
+                "id": r["filename"].rsplit(".", 1)[0],
+                "image": f"images/{r['filename']}",
+                "captions": [s["raw"] for s in r["sentences"]],
+                "metadata": {"split": r["split"]},
+            }
+            fh.write(json.dumps(item) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -221,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     if any(n < 0 for n in splits.values()):
         parser.error("split sizes must be non-negative")
     path = generate(args.out, args.seed, splits, args.size)
-    print(f"wrote {path} ({sum(splits.values())} images, {5 * sum(splits.values())} captions)")
+    print(f"wrote {path} and {path.parent / 'manifest.jsonl'} ({sum(splits.values())} images, "
+          f"{5 * sum(splits.values())} captions)")
     return 0
 
 

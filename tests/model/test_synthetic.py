@@ -89,3 +89,14 @@ def test_bad_dataset_files(tmp_path):
         read_karpathy(tmp_path / "empty.json", tmp_path, "test")
     with pytest.raises(DatasetError, match="split must be"):
         read_karpathy(tmp_path / "empty.json", tmp_path, "dev")
+
+
+def test_gallery_manifest_matches_dataset(tmp_path):
+    from model.synthetic import main
+
+    main(["--out", str(tmp_path), "--seed", "5", "--train", "0", "--val", "2", "--test", "3"])
+    data = json.loads((tmp_path / "dataset.json").read_text())
+    lines = [json.loads(line) for line in (tmp_path / "manifest.jsonl").read_text().splitlines()]
+    assert [x["image"] for x in lines] == [f"images/{im['filename']}" for im in data["images"]]
+    assert [x["captions"] for x in lines] == [[s["raw"] for s in im["sentences"]] for im in data["images"]]
+    assert len({x["id"] for x in lines}) == 5 and all((tmp_path / x["image"]).is_file() for x in lines)

@@ -1,0 +1,180 @@
+"""The two-stage searches, as plain synchronous functions (the app runs them in worker threads).
+
+Text -> images: encode the query, take ``candidates`` images from FAISS by global vector, re-rank them with
+the full HAT score over the cached token features, return the top ``k``. Image -> captions likewise over the
+captions; image -> image uses the global vectors only (there is no image-image HAT score).
+"""
+
+from __future__ import annotations
+
+import io
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from model import load_image, preprocess_image
+from model.errors import ImageDecodeError, TokenizerError
+
+from .errors import ServiceError
+from .state import IndexState
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class SearchParams:
+    """A validated request: ``k`` results from ``candidates`` first-stage hits (``candidates >= k``)."""
+
+    k: int
+    candidates: int
+    rerank_dtype: str = "float32"
+
+
+def image_url(image_id: str) -> str:
+    """``/images/<id>`` with the id percent-encoded (slashes included)."""
+    return "/images/" + quote(image_id, safe="")
+
+
+class _Clock:
+    """Milliseconds per stage, measured back to back."""
+
+    def __init__(self) -> None:
+        self.start = self.last = time.perf_counter()
+        self.ms: dict[str, float] = {}
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.ms[stage] = round((now - self.last) * 1000.0, 3)
+        self.last = now
+
+    def done(self) -> dict[str, float]:
+        self.ms["total"] = round((time.perf_counter() - self.start) * 1000.0, 3)
+        return self.ms
+
+
+def _top(scores: torch.Tensor, k: int) -> np.ndarray:
+    """Positions of the ``k`` best scores, best first; ties keep the first-stage order."""
+    order = np.argsort(-scores.numpy(), kind="stable")
+    return order[:k]
+
+
+def search_text(model, state: IndexState, query: str, params: SearchParams) -> dict[str, Any]:
+    """Text -> images: ``{"results", "timings_ms", ...}`` (see docs/service.md for the response shape)."""
+    clock = _Clock()
+    with torch.inference_mode():
+        try:
+            levels, lengths = model.encode_text_strings([query])
+        except TokenizerError as exc:
+            raise ServiceError(422, "invalid_query", str(exc)) from exc
+        vector = model.global_texts(levels, lengths).cpu().numpy().astype(np.float32)
+        levels = [t.cpu() for t in levels]
+    clock.lap("encode")
+    first, rows = state.index.search("images", vector, params.candidates)
+    first, rows = first[0], rows[0]
+    clock.lap("first_stage")
+    with torch.inference_mode():
+        scores = state.index.rerank_images(levels, int(lengths[0]), rows, DTYPES[params.rerank_dtype])
+    best = _top(scores, params.k)
+    clock.lap("rerank")
+    with state.lock:
+        items = state.index.images(rows[best])
+    results = [
+        {
+            "id": item["id"],
+            "score": float(scores[pos]),
+            "first_stage_score": float(first[pos]),
+            "rank": rank,
+            "image_url": image_url(item["id"]),
+            "metadata": item["metadata"],
+        }
+        for rank, (pos, item) in enumerate(zip(best, items, strict=True), start=1)
+    ]
+    return {"results": results, "timings_ms": clock.done(), "stage": "rerank"}
+
+
+def decode_image(data: bytes, image_size: int, max_pixels: int) -> torch.Tensor:
+    """Uploaded bytes -> ``[1, 3, S, S]`` pixels; refuses non-images (415), bombs (413), corrupt data (422)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as header:  # reads the header only
+                width, height = header.size
+    except UnidentifiedImageError as exc:
+        raise ServiceError(
+            415, "unsupported_image", "the upload is not a readable image (unknown format or corrupt header)"
+        ) from exc
+    except Image.DecompressionBombError as exc:
+        raise ServiceError(413, "image_too_large", f"image refused as a decompression bomb ({exc})") from exc
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        raise ServiceError(422, "invalid_image", f"cannot read the image header ({exc})") from exc
+    if width * height > max_pixels:
+        pixels = f"{width}x{height} = {width * height} pixels"
+        raise ServiceError(413, "image_too_large", f"image is {pixels}, above the limit of {max_pixels}")
+    try:
+        image = load_image(data, max_pixels=max_pixels)
+    except ImageDecodeError as exc:
+        raise ServiceError(422, "invalid_image", str(exc)) from exc
+    return preprocess_image(image, image_size)[None]
+
+
+def search_image(model, state: IndexState, data: bytes, target: str, params: SearchParams, max_pixels: int) -> dict:
+    """Image -> captions (HAT re-rank) or, with ``target="image"``, image -> images by global vector only."""
+    clock = _Clock()
+    pixels = decode_image(data, model.config.image.image_size, max_pixels)
+    clock.lap("decode")
+    with torch.inference_mode():
+        levels = model.encode_images(pixels.to(model.device))
+        vector = model.global_images(levels).cpu().numpy().astype(np.float32)
+        levels = [t.cpu() for t in levels]
+    clock.lap("encode")
+    if target == "image":
+        return _image_to_images(state, vector, params, clock)
+    first, rows = state.index.search("captions", vector, params.candidates)
+    first, rows = first[0], rows[0]
+    clock.lap("first_stage")
+    with torch.inference_mode():
+        scores = state.index.rerank_captions(levels, rows, DTYPES[params.rerank_dtype])
+    best = _top(scores, params.k)
+    clock.lap("rerank")
+    with state.lock:
+        items = state.index.captions(rows[best])
+    results = [
+        {
+            "id": item["id"],
+            "score": float(scores[pos]),
+            "first_stage_score": float(first[pos]),
+            "rank": rank,
+            "image_id": item["image_id"],
+            "text": item["text"],
+            "image_url": image_url(item["image_id"]),
+            "metadata": item["metadata"],
+        }
+        for rank, (pos, item) in enumerate(zip(best, items, strict=True), start=1)
+    ]
+    return {"results": results, "timings_ms": clock.done(), "stage": "rerank", "target": "captions"}
+
+
+def _image_to_images(state: IndexState, vector: np.ndarray, params: SearchParams, clock: _Clock) -> dict:
+    first, rows = state.index.search("images", vector, params.k)
+    first, rows = first[0], rows[0]
+    clock.lap("first_stage")
+    with state.lock:
+        items = state.index.images(rows)
+    results = [
+        {
+            "id": item["id"],
+            "score": float(score),
+            "first_stage_score": float(score),
+            "rank": rank,
+            "image_url": image_url(item["id"]),
+            "metadata": item["metadata"],
+        }
+        for rank, (score, item) in enumerate(zip(first, items, strict=True), start=1)
+    ]
+    return {"results": results, "timings_ms": clock.done(), "stage": "first_stage_only", "target": "image"}

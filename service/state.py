@@ -1,0 +1,223 @@
+"""What the service serves from: the model, and the current index held in one immutable ``IndexState``.
+
+Hot reload: a background task polls ``IndexRoot(root).current_version()``. A new version is opened beside
+the serving one (checked against the model's identity), then published with a single attribute assignment
+(``engine.state = new``). A request reads ``engine.state`` once, at its start, and uses that object to the
+end, so requests in flight finish on the old index; the old one is closed after a grace period, once no
+request holds it. A version that fails to open is refused, logged with its reason and not tried again
+(until ``POST /admin/reload`` asks for it explicitly); the old version keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from index_builder.errors import IndexFormatError
+from index_builder.layout import IndexRoot
+from index_builder.reader import GalleryIndex, open_index
+
+from .errors import NotReadyError, ServiceError
+from .metrics import Metrics
+from .settings import Settings
+
+logger = logging.getLogger("service")
+
+
+@dataclass(frozen=True, eq=False)
+class IndexState:
+    """One open index version. Immutable but for the count of requests using it."""
+
+    index: GalleryIndex
+    version: str  # the manifest's version
+    key: str  # the name ``current`` points at ("" for an index directory served without a root)
+    loaded_at: float
+    lock: threading.Lock = field(default_factory=threading.Lock)  # one SQLite connection, shared by threads
+    users: list[int] = field(default_factory=lambda: [0])  # requests holding this state
+    users_lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class Engine:
+    """Holds the model and the current ``IndexState``; loads, polls and swaps them."""
+
+    def __init__(self, settings: Settings, metrics: Metrics, model=None) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.model = model
+        self.model_error: str | None = None
+        self.state: IndexState | None = None
+        self.index_error: str | None = None
+        self.refused: dict[str, str] = {}  # version name -> why it was refused
+        self._reload_lock = asyncio.Lock()
+        self._tasks: list[asyncio.Task] = []
+        self._retiring: set[IndexState] = set()
+
+    # ------------------------------------------------------------------------------------------ status
+
+    def not_ready_reason(self) -> str | None:
+        """None when searches can be answered, else why not."""
+        if self.model_error:
+            return f"the model failed to load: {self.model_error}"
+        if self.model is None:
+            return f"loading the model {self.settings.model}"
+        if self.state is not None:
+            return None
+        if not self.settings.index_root:
+            return "HAT_INDEX_ROOT is not set: no index to search"
+        return f"no index loaded: {self.index_error or 'loading'}"
+
+    @contextmanager
+    def lease(self) -> Iterator[tuple[Any, IndexState]]:
+        """The model and the state of this moment, held for one request (raises ``NotReadyError``)."""
+        state, model = self.state, self.model
+        reason = self.not_ready_reason()
+        if state is None or model is None or reason:
+            raise NotReadyError(reason or "not ready")
+        with state.users_lock:
+            state.users[0] += 1
+        try:
+            yield model, state
+        finally:
+            with state.users_lock:
+                state.users[0] -= 1
+
+    # ------------------------------------------------------------------------------------------ start/stop
+
+    async def start(self) -> None:
+        """Start loading in the background (the server answers /healthz and /readyz meanwhile)."""
+        self._spawn(self._boot(), "hat-boot")
+
+    def _spawn(self, coro, name: str) -> None:
+        self._tasks = [t for t in self._tasks if not t.done()]
+        self._tasks.append(asyncio.create_task(coro, name=name))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        states = {s for s in (self.state, *self._retiring) if s is not None}
+        self.state = None
+        for state in states:
+            state.index.close()
+
+    async def _boot(self) -> None:
+        if self.model is None:
+            try:
+                self.model = await anyio.to_thread.run_sync(self._load_model, abandon_on_cancel=True)
+            except Exception as exc:  # any failure is reported by /readyz; the process stays up to say so
+                self.model_error = str(exc) or type(exc).__name__
+                logger.error("model %s failed to load: %s", self.settings.model, self.model_error)
+                return
+        if self.settings.index_root:
+            # A failure is logged; /readyz says why, and the poller picks up the next published version.
+            with contextlib.suppress(ServiceError):
+                await self.check(force=True)
+            if self.settings.reload_interval > 0:
+                self._spawn(self._poll(), "hat-index-poll")
+
+    def _load_model(self):
+        from model import load_model
+
+        device = self.settings.resolved_device()
+        start = time.perf_counter()
+        model = load_model(self.settings.model, device=device)
+        logger.info(
+            "model %s (%s) loaded on %s in %.1f s",
+            self.settings.model,
+            model.identity[:12],
+            device,
+            time.perf_counter() - start,
+        )
+        return model
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.reload_interval)
+            try:
+                await self.check()
+            except ServiceError:
+                pass  # already logged and counted; keep polling
+            except Exception:  # a poller that dies would silently stop reloads
+                logger.exception("index poll failed")
+
+    # ------------------------------------------------------------------------------------------ reload
+
+    def _target(self) -> tuple[str, Path] | None:
+        """(key, directory) of what should be served now, or None when nothing is published."""
+        root = IndexRoot(self.settings.index_root)
+        name = root.current_version()
+        if name:
+            return name, root.versions / name
+        if (root.root / "manifest.json").is_file():  # a single version directory given as the root
+            return "", root.root
+        return None
+
+    async def check(self, force: bool = False) -> dict[str, Any]:
+        """Serve the version ``current`` points at, if it is not served already.
+
+        ``force`` retries a version refused before. Returns ``{"changed", "version", "previous"}``; raises
+        ``ServiceError`` (409) when the new version cannot be opened (the old one keeps serving).
+        """
+        async with self._reload_lock:
+            old = self.state
+            target = self._target()
+            if target is None:
+                self.index_error = f"nothing published under {self.settings.index_root} (no 'current' version)"
+                if old is None:
+                    raise ServiceError(409, "no_index", self.index_error)
+                return {"changed": False, "version": old.version, "previous": old.version}
+            key, directory = target
+            if old is not None and old.key == key:
+                return {"changed": False, "version": old.version, "previous": old.version}
+            if key in self.refused and not force:
+                return {"changed": False, "version": old.version if old else None, "previous": None}
+            new = await anyio.to_thread.run_sync(self._open, key, directory)
+            self.state = new  # the swap: one assignment; requests that started earlier keep `old`
+            self.index_error = None
+            self.metrics.reload("success")
+            logger.info(
+                "serving index version %s (%d images, %d captions)%s",
+                new.version,
+                new.index.num_images,
+                new.index.num_captions,
+                f", replacing {old.version}" if old else "",
+            )
+            if old is not None:
+                self._retiring.add(old)
+                self._spawn(self._retire(old), "hat-index-retire")
+            return {"changed": True, "version": new.version, "previous": old.version if old else None}
+
+    def _open(self, key: str, directory: Path) -> IndexState:
+        try:
+            index = open_index(directory, expect_identity=self.model.identity)
+        except Exception as exc:  # whatever is wrong with a new version, refuse it and keep the old one
+            reason = f"{type(exc).__name__}: {exc}" if not isinstance(exc, IndexFormatError) else str(exc)
+            self.refused[key] = reason
+            if self.state is None:
+                self.index_error = reason
+            self.metrics.reload("refused")
+            logger.error("index version %s refused: %s", key or directory, reason)
+            raise ServiceError(409, "index_refused", f"index version {key or directory} refused: {reason}") from exc
+        self.refused.pop(key, None)
+        return IndexState(index=index, version=str(index.version), key=key, loaded_at=time.time())
+
+    async def _retire(self, state: IndexState) -> None:
+        """Close a replaced index after the grace period, once no request holds it (at most 10 grace periods)."""
+        await asyncio.sleep(self.settings.reload_grace)
+        deadline = time.monotonic() + 10 * max(self.settings.reload_grace, 1.0)
+        while state.users[0] > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        self._retiring.discard(state)
+        with state.lock:
+            state.index.close()
+        logger.info("closed index version %s", state.version)

@@ -1,0 +1,188 @@
+"""Fixtures of the service tests: a generated gallery, an index built by the real builder, live servers.
+
+Servers are real uvicorn servers on a loopback port, talked to over the socket with httpx. In-process servers
+(a thread each) share one loaded model, so a new server costs a fraction of a second; the command-line tests
+start ``python -m service`` as a subprocess.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+
+from service.app import create_app
+from service.settings import Settings
+
+REPO = Path(__file__).resolve().parents[2]
+DEMO_MODEL = REPO / "models" / "demo"
+BASE_IMAGES = 40  # the first index; the reload test publishes a second one with all WORLD_IMAGES
+WORLD_IMAGES = 44
+ODD_ID = "set a/ünï cödé?#%.png"  # one id that needs URL encoding (slash, space, non-ASCII, ?, #, %)
+
+
+def _run_builder(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``python -m index_builder ARGS``; fails the test with the builder's output when it fails."""
+    cmd = [sys.executable, "-m", "index_builder", *args]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        pytest.fail(f"index builder failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def run_builder():
+    """``run_builder(*args)``: ``python -m index_builder ARGS``, failing the test with its output on error."""
+    return _run_builder
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory) -> dict:
+    """The generated world (44 test images, 5 captions each) and JSONL manifests for the builder."""
+    out = tmp_path_factory.mktemp("world")
+    subprocess.run(
+        [sys.executable, "-m", "model.synthetic", "--out", str(out), "--seed", "0",
+         "--train", "0", "--val", "0", "--test", str(WORLD_IMAGES)],
+        cwd=REPO, check=True, capture_output=True, timeout=120,
+    )  # fmt: skip
+    images = json.loads((out / "dataset.json").read_text())["images"]
+    items = [
+        {
+            "id": ODD_ID if i == BASE_IMAGES - 1 else Path(im["filename"]).stem,
+            "image": str(out / "images" / im["filename"]),
+            "captions": [s["raw"] for s in im["sentences"]],
+            "metadata": {"split": im["split"], "n": i},
+        }
+        for i, im in enumerate(images)
+    ]
+    manifests = {}
+    for name, subset in (("base", items[:BASE_IMAGES]), ("all", items)):
+        manifests[name] = out / f"{name}.jsonl"
+        manifests[name].write_text("".join(json.dumps(item) + "\n" for item in subset))
+    return {
+        "dir": out,
+        "items": {item["id"]: item for item in items},
+        "base_ids": [item["id"] for item in items[:BASE_IMAGES]],
+        "manifests": manifests,
+        "odd_id": ODD_ID,
+        "model": DEMO_MODEL,
+    }
+
+
+@pytest.fixture(scope="session")
+def _built_index(world, tmp_path_factory) -> Path:
+    """One build of the base gallery (the slow part), copied per module by ``index_root``."""
+    root = tmp_path_factory.mktemp("index-template") / "root"
+    _run_builder("build", "--gallery", str(world["manifests"]["base"]), "--model", str(DEMO_MODEL),
+                "--out", str(root), "--no-progress")  # fmt: skip
+    return root
+
+
+@pytest.fixture(scope="module")
+def index_root(_built_index, tmp_path_factory) -> Path:
+    """A module's own index root (40 images, 200 captions), built by ``python -m index_builder build``."""
+    root = tmp_path_factory.mktemp("index") / "root"
+    shutil.copytree(_built_index, root, symlinks=True, ignore=shutil.ignore_patterns(".lock"))
+    return root
+
+
+@pytest.fixture(scope="session")
+def demo_model():
+    from model import load_model
+
+    return load_model(DEMO_MODEL)
+
+
+class LiveServer:
+    """A uvicorn server in a thread, on a loopback socket bound before it starts (no port race)."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=5)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def start(self) -> LiveServer:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        self.sock.close()
+
+    def client(self, **kwargs) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=kwargs.pop("timeout", 60), **kwargs)
+
+    def wait_ready(self, timeout: float = 60) -> dict:
+        return wait_ready(self.url, timeout)
+
+
+def wait_ready(url: str, timeout: float = 60) -> dict:
+    """Poll ``/readyz`` until it says ready; returns its body."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            r = httpx.get(f"{url}/readyz", timeout=5)
+            last = r.text
+            if r.status_code == 200:
+                return r.json()
+        except httpx.TransportError as exc:
+            last = repr(exc)
+        time.sleep(0.05)
+    raise AssertionError(f"{url} not ready after {timeout} s: {last}")
+
+
+@pytest.fixture(scope="module")
+def start_server(demo_model) -> Iterator:
+    """``start_server(loaded_model=demo, **settings) -> LiveServer`` (started; stopped at the end of the module).
+
+    ``loaded_model=None`` makes the app load ``settings.model`` itself.
+    """
+    servers = []
+
+    def start(loaded_model=demo_model, **values) -> LiveServer:
+        values.setdefault("reload_interval", 0.2)
+        server = LiveServer(create_app(Settings(**values), model=loaded_model)).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def server(start_server, index_root) -> LiveServer:
+    """A ready server on the module's index, with an admin key and small upload and pixel limits."""
+    live = start_server(
+        index_root=str(index_root), admin_key="test-key", max_upload_bytes=200_000, max_image_pixels=1_000_000
+    )
+    live.wait_ready()
+    return live
+
+
+@pytest.fixture
+def client(server) -> Iterator[httpx.Client]:
+    with server.client() as c:
+        yield c
