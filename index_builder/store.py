@@ -88,8 +88,9 @@ class PCACodebook:
         z = (axes.sample - axes.centre) @ axes.basis.T  # centred coefficients [T, D]
         edges = np.zeros((d, 255))
         levels = np.zeros((d, 256))
+        fit = z[:: max(1, len(z) // 50_000)]  # Lloyd on at most ~50k values per axis: plenty for 256 levels
         for k in np.flatnonzero(widths):
-            edges[k], levels[k] = _scalar_quantizer(z[:, k], int(widths[k]))
+            edges[k], levels[k] = _scalar_quantizer(fit[:, k], int(widths[k]))
         f32 = np.float32
         return cls(
             axes.basis.astype(f32),
