@@ -74,7 +74,7 @@ class Segment:
 class GalleryIndex:
     """One published version: search by global vector, gather features, re-rank, look up metadata."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, gpu: bool = False) -> None:
         import faiss
 
         self.dir = directory
@@ -111,6 +111,8 @@ class GalleryIndex:
                 raise IndexFormatError(f"index {directory}: {path.name} holds {index.ntotal} vectors, expected {count}")
             if hasattr(index, "nprobe"):
                 faiss.extract_index_ivf(index).nprobe = int(manifest["faiss"]["nprobe"])
+            if gpu and getattr(faiss, "get_num_gpus", lambda: 0)() > 0:
+                index = faiss.index_cpu_to_all_gpus(index)  # same results; the file stays a CPU index
             self.faiss[kind] = index
         try:
             uri = f"file:{directory / 'metadata.sqlite'}?mode=ro"
@@ -137,26 +139,41 @@ class GalleryIndex:
     # ----------------------------------------------------------------------------------------- re-rank
 
     def rerank_images(
-        self, text_levels: list[torch.Tensor], length: int, rows: np.ndarray, dtype: torch.dtype = torch.float32
+        self,
+        text_levels: list[torch.Tensor],
+        length: int,
+        rows: np.ndarray,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
     ) -> torch.Tensor:
-        """HAT scores ``[K]`` of one caption (per level ``[1, L, D]``) against gallery images ``rows [K]``."""
+        """HAT scores ``[K]`` (CPU float32) of one caption (per level ``[1, L, D]``) against images ``rows [K]``.
+
+        The candidates' features are read on the CPU (memory-mapped) and scored on ``device``.
+        """
         out = torch.empty(len(rows), dtype=torch.float32)
-        lengths = torch.tensor([length])
+        lengths = torch.tensor([length], device=device)
         for seg_index, positions, local in self._by_segment(self.image_rows, rows):
             seg = self.segments[seg_index]
-            images = [t.rows(local, dtype) for t in seg.image]
-            norms = [t.norms(local) for t in seg.image]
-            texts = [t.rotate(x[:, :length].float()).to(dtype) for t, x in zip(seg.image, text_levels, strict=True)]
+            images = [t.rows(local, dtype).to(device) for t in seg.image]
+            norms = [t.norms(local).to(device) for t in seg.image]
+            texts = [
+                t.rotate(x[:, :length].float().cpu()).to(device=device, dtype=dtype)
+                for t, x in zip(seg.image, text_levels, strict=True)
+            ]
             scores = hierarchical_similarity(
                 images, texts, lengths, self.scoring.lambda_softmax, self.scoring.direction, image_norms=norms
             )
-            out[positions] = scores[:, 0]
+            out[positions] = scores[:, 0].cpu()
         return out
 
     def rerank_captions(
-        self, image_levels: list[torch.Tensor], rows: np.ndarray, dtype: torch.dtype = torch.float32
+        self,
+        image_levels: list[torch.Tensor],
+        rows: np.ndarray,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
     ) -> torch.Tensor:
-        """HAT scores ``[K]`` of one image (per level ``[1, R_l, D]``) against gallery captions ``rows [K]``."""
+        """HAT scores ``[K]`` (CPU float32) of one image (per level ``[1, R_l, D]``) against captions ``rows [K]``."""
         out = torch.empty(len(rows), dtype=torch.float32)
         for seg_index, positions, local in self._by_segment(self.caption_rows, rows):
             seg = self.segments[seg_index]
@@ -165,12 +182,16 @@ class GalleryIndex:
             width = int(lengths.max())
             # Token rows of each caption, padded by repeating its last token (masked by the lengths).
             take = np.minimum(starts[:, None] + np.arange(width)[None, :], (ends - 1)[:, None])
-            texts = [t.rows(take.reshape(-1), dtype).reshape(len(local), width, -1) for t in seg.caption]
-            images = [t.rotate(x.float()).to(dtype) for t, x in zip(seg.caption, image_levels, strict=True)]
+            texts = [t.rows(take.reshape(-1), dtype).reshape(len(local), width, -1).to(device) for t in seg.caption]
+            images = [
+                t.rotate(x.float().cpu()).to(device=device, dtype=dtype)
+                for t, x in zip(seg.caption, image_levels, strict=True)
+            ]
+            lengths = lengths.to(device)
             scores = hierarchical_similarity(
                 images, texts, lengths, self.scoring.lambda_softmax, self.scoring.direction
             )
-            out[positions] = scores[0]
+            out[positions] = scores[0].cpu()
         return out
 
     @staticmethod
@@ -236,8 +257,10 @@ def _read_manifest(directory: Path) -> dict:
     return manifest
 
 
-def open_index(path: str | Path, expect_identity: str | None = None) -> GalleryIndex:
+def open_index(path: str | Path, expect_identity: str | None = None, gpu: bool = False) -> GalleryIndex:
     """Open an index root (its ``current`` version) or a version directory.
+
+    ``gpu=True`` moves the FAISS indices to the GPUs when FAISS was built with GPU support (faiss-gpu).
 
     Raises:
         IndexFormatError: nothing published, missing/truncated/inconsistent files, another format version,
@@ -252,7 +275,7 @@ def open_index(path: str | Path, expect_identity: str | None = None) -> GalleryI
         path = current
     if not path.is_dir():
         raise IndexFormatError(f"{path}: no such index directory")
-    index = GalleryIndex(path)
+    index = GalleryIndex(path, gpu=gpu)
     if expect_identity is not None and index.model_identity != expect_identity:
         index.close()
         raise IndexFormatError(

@@ -79,7 +79,9 @@ def search_text(model, state: IndexState, query: str, params: SearchParams) -> d
     first, rows = first[0], rows[0]
     clock.lap("first_stage")
     with torch.inference_mode():
-        scores = state.index.rerank_images(levels, int(lengths[0]), rows, DTYPES[params.rerank_dtype])
+        scores = state.index.rerank_images(
+            levels, int(lengths[0]), rows, DTYPES[params.rerank_dtype], device=model.device
+        )
     best = _top(scores, params.k)
     clock.lap("rerank")
     with state.lock:
@@ -139,7 +141,7 @@ def search_image(model, state: IndexState, data: bytes, target: str, params: Sea
     first, rows = first[0], rows[0]
     clock.lap("first_stage")
     with torch.inference_mode():
-        scores = state.index.rerank_captions(levels, rows, DTYPES[params.rerank_dtype])
+        scores = state.index.rerank_captions(levels, rows, DTYPES[params.rerank_dtype], device=model.device)
     best = _top(scores, params.k)
     clock.lap("rerank")
     with state.lock:

@@ -199,7 +199,8 @@ class Engine:
 
     def _open(self, key: str, directory: Path) -> IndexState:
         try:
-            index = open_index(directory, expect_identity=self.model.identity)
+            gpu = self.model.device.type == "cuda"
+            index = open_index(directory, expect_identity=self.model.identity, gpu=gpu)
         except Exception as exc:  # whatever is wrong with a new version, refuse it and keep the old one
             reason = f"{type(exc).__name__}: {exc}" if not isinstance(exc, IndexFormatError) else str(exc)
             self.refused[key] = reason

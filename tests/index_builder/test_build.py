@@ -262,3 +262,17 @@ def test_second_builder_is_refused_while_one_holds_the_lock(world, tmp_path):
     root = IndexRoot(tmp_path / "idx")
     with root.lock(), pytest.raises(BuildError, match="another build"):
         build(world / "manifest.jsonl", str(DEMO_MODEL), root.root, _opts())
+
+
+@pytest.mark.gpu
+def test_cuda_rerank_matches_cpu(world, tmp_path, demo):
+    if not torch.cuda.is_available():
+        pytest.skip("CUDA not available on this machine")
+    build(world / "manifest.jsonl", str(DEMO_MODEL), tmp_path / "idx", _opts(store="pca:2"))
+    index = open_index(tmp_path / "idx", gpu=True)
+    with torch.inference_mode():
+        levels, lengths = demo.encode_text_strings(["a red circle left of a blue square"])
+        _, rows = index.search("images", demo.global_texts(levels, lengths).numpy(), 20)
+        cpu = index.rerank_images(levels, int(lengths[0]), rows[0])
+        gpu = index.rerank_images(levels, int(lengths[0]), rows[0], device="cuda")
+    assert torch.allclose(cpu, gpu, atol=1e-4)
