@@ -20,7 +20,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--texts", help="optional text-only corpus: JSONL {id, text, metadata} or one text per line")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--workers", type=int, default=0, help="image decoding worker processes")
+    p.add_argument("--workers", type=int, default=2, help="decoding worker processes (0: in the main process)")
     p.add_argument("--shard-size", type=int, default=1024, help="items per resumable shard")
     p.add_argument("--store", default="float16", help="feature store: float16, int8 or pca[:BITS] (default float16)")
     p.add_argument("--keep", type=int, default=3, help="published versions to keep")

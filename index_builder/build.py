@@ -38,7 +38,7 @@ class BuildOptions:
 
     device: str = "auto"
     batch_size: int = 32
-    workers: int = 0
+    workers: int = 2
     shard_size: int = 1024
     store: str = "float16"
     keep: int = 3
