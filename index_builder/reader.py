@@ -126,15 +126,18 @@ class GalleryIndex:
     def search(self, kind: str, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """FAISS inner-product search over ``kind`` ("images" or "captions") -> (scores, rows) ``[B, k]``.
 
-        Rows beyond the gallery are dropped (FAISS pads them with -1).
+        ``k`` is capped at the gallery size. An approximate (IVF) index can find fewer than ``k``: FAISS pads
+        with row -1, which a single query's result drops and a batch keeps (callers filter ``rows >= 0``).
         """
         index = self.faiss.get(kind)
         q = np.ascontiguousarray(np.atleast_2d(vectors), dtype=np.float32)
         if index is None or k <= 0:
             return np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int64)
         scores, rows = index.search(q, min(k, index.ntotal))
-        keep = (rows >= 0).all(axis=0)
-        return scores[:, keep], rows[:, keep]
+        if len(q) == 1:
+            keep = rows[0] >= 0
+            return scores[:, keep], rows[:, keep]
+        return scores, rows
 
     # ----------------------------------------------------------------------------------------- re-rank
 

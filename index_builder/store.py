@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 STORE_KINDS = ("float16", "int8", "pca")
+CHUNK_TOKENS = 65_536  # token rows converted to float32 at a time when writing a table (bounds memory)
 
 
 class StoreError(ValueError):
@@ -302,7 +303,7 @@ def write_table(
 ) -> None:
     """Write table ``name`` from ``parts`` (each ``[n_i, *tail]``, e.g. ``[n, R, D]`` or ``[T, D]``), streaming.
 
-    Parts are encoded one at a time into pre-allocated ``.npy`` files, so memory stays at one part.
+    Parts are encoded about ``CHUNK_TOKENS`` token rows at a time into pre-allocated ``.npy`` files.
     """
     if spec.kind == "pca" and book is None:
         raise StoreError(f"table {name}: a pca store needs a trained codebook")
@@ -318,7 +319,8 @@ def write_table(
     else:
         out["pca"] = _open(directory, name, "pca", np.uint8, (*lead, book.packed_bytes()))
     start = 0
-    for part in parts:
+    step = max(1, CHUNK_TOKENS // int(np.prod(tail[:-1], dtype=np.int64)))  # items per chunk
+    for part in (p[i : i + step] for p in parts for i in range(0, len(p), step)):
         n = len(part)
         flat = np.ascontiguousarray(np.asarray(part, dtype=np.float32).reshape(-1, d))
         inner = part.shape[1:-1]

@@ -34,23 +34,25 @@ def _sample_rows(parts: list[np.ndarray], limit: int, seed: int = 0) -> np.ndarr
     if not total:
         return np.zeros((0, parts[0].shape[-1] if parts else 1), np.float32)
     rng = np.random.default_rng(seed)
-    keep = max(1, int(limit * 1.0))
-    return np.concatenate([np.asarray(p[np.sort(rng.choice(len(p), min(len(p), -(-keep * len(p) // total)),
-                                                               replace=False))], np.float32) for p in flat])
+    take = [min(len(p), -(-limit * len(p) // total)) for p in flat]  # proportional share of each shard
+    return np.concatenate([np.asarray(p[np.sort(rng.choice(len(p), n, replace=False))], np.float32)
+                           for p, n in zip(flat, take, strict=True)])
 
 
 def train_store(shards: list[Path], spec: StoreSpec, levels: int, image_tokens: list[int]) -> dict:
     """Codebooks of a pca store (``{"image": [...]}``), fitted on a sample of the shards' tokens.
 
-    Only image features are transform-coded: they are ~90% of the bytes (e.g. 1,029 tokens per image at
-    HAT-base sizes against ~15 per caption), and the image -> caption re-rank measured far less tolerant of
-    compressed caption tokens (docs/benchmarks.md); captions stay float16.
+    Only image features are transform-coded: uncompressed they are most of the bytes (1,029 tokens per image
+    at HAT-base sizes against ~15 per caption), and the image -> caption re-rank measured far less tolerant
+    of compressed caption tokens (docs/benchmarks.md); captions stay float16, so after compression they can
+    be the larger part (five captions of ~15 tokens at D = 768 are ~115 kB, pca:2 images ~200 kB).
     """
     if spec.kind != "pca":
         return {}
     books = {}
     image = [_sample_rows(_load_shards(shards, f"image.l{i + 1}.npy"), 200_000) for i in range(levels)]
-    caption = [_sample_rows(_load_shards(shards, f"caption.l{i + 1}.npy"), 200_000) for i in range(levels)]
+    # Caption tokens only weight the image axes (their energy along each axis): a smaller sample suffices.
+    caption = [_sample_rows(_load_shards(shards, f"caption.l{i + 1}.npy"), 50_000) for i in range(levels)]
     has_captions = all(len(c) > 1 for c in caption)
     books["image"] = train_codebooks(image, caption if has_captions else [None] * levels, image_tokens, spec.bits)
     return books
@@ -175,7 +177,10 @@ def write_version(
             faiss_info[fname] = None
             continue
         globals_ = [np.load(d / f"{kind}.global.npy", mmap_mode="r") for d in seg_dirs]
-        vectors = np.stack([globals_[s][r] for s, r in rows])
+        vectors = np.empty((len(rows), globals_[0].shape[1]), np.float32)
+        for s in np.unique(rows[:, 0]):
+            mine = rows[:, 0] == s
+            vectors[mine] = globals_[s][rows[mine, 1]]
         index, info = build_faiss(vectors, exact_limit)
         faiss.write_index(index, str(tmp / f"{fname}.faiss"))
         faiss_info[fname] = info

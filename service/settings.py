@@ -37,7 +37,7 @@ class Settings:
         max_image_pixels: largest accepted image, in pixels, read from its header [HAT_MAX_IMAGE_PIXELS].
         max_query_chars: longest accepted text query [HAT_MAX_QUERY_CHARS].
         cors_origins: origins allowed by CORS; empty = no CORS headers at all [HAT_CORS_ORIGINS, comma list].
-        threads: torch intra-op threads; None = torch's default [HAT_THREADS].
+        threads: torch intra-op threads; None = CPU cores // workers [HAT_THREADS].
         workers: searches computed at the same time; the others wait their turn [HAT_WORKERS].
         reload_interval: seconds between checks of the index's ``current`` pointer; 0 = off [HAT_RELOAD_INTERVAL].
         reload_grace: seconds an index replaced by a reload stays open for requests still using it

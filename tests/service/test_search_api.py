@@ -24,7 +24,7 @@ def test_text_search_response(client, world):
     body = r.json()
     assert body["query"] == query and body["k"] == 5 and body["candidates"] == 20 and body["stage"] == "rerank"
     assert body["index_version"].startswith("v-")
-    assert set(body["timings_ms"]) == {"encode", "first_stage", "rerank", "total"}
+    assert set(body["timings_ms"]) == {"queue", "encode", "first_stage", "rerank", "total"}
     assert all(v >= 0 for v in body["timings_ms"].values())
     results = body["results"]
     assert [hit["rank"] for hit in results] == [1, 2, 3, 4, 5]
@@ -79,7 +79,7 @@ def test_image_to_captions(client, world):
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["stage"] == "rerank" and body["target"] == "captions" and body["k"] == 10
-    assert set(body["timings_ms"]) == {"decode", "encode", "first_stage", "rerank", "total"}
+    assert set(body["timings_ms"]) == {"queue", "decode", "encode", "first_stage", "rerank", "total"}
     results = body["results"]
     assert len(results) == 10 and [h["rank"] for h in results] == list(range(1, 11))
     assert [h["score"] for h in results] == sorted((h["score"] for h in results), reverse=True)
