@@ -244,12 +244,17 @@ def _pack(codes: np.ndarray, nbits: int) -> np.ndarray:
 
 
 class PCADecoder:
-    """Decodes packed codes with one table lookup per byte into rotated-frame features ``[..., D]``."""
+    """Decodes packed codes with one table lookup per byte into rotated-frame features ``[..., D]``.
+
+    Each group of components of one width has a flat table ``[n_bytes * 256, per]``: byte ``j`` of a token
+    with value ``v`` decodes to row ``256 * j + v``. ``np.take`` with int32 indices measured ~5x faster than
+    torch's advanced indexing for this gather (HAT-base sizes, 100 candidates).
+    """
 
     def __init__(self, book: PCACodebook) -> None:
-        tables, self.spans = [], []
-        d = len(book.widths)
+        self.groups = []  # (flat table, byte offsets int32, first byte, n_bytes, first dim, components)
         byte = np.arange(256)
+        start_byte = start_dim = 0
         for width in WIDTHS:
             comps = np.flatnonzero(book.widths == width)
             if not comps.size:
@@ -261,24 +266,29 @@ class PCADecoder:
             padded[: comps.size] = book.levels[comps] + book.mean[comps, None]
             per_byte = padded.reshape(n_bytes, per, 256)
             table = np.stack([per_byte[:, i, :][:, fields[:, i]] for i in range(per)], axis=2)  # [n_bytes,256,per]
-            tables.append(torch.from_numpy(np.ascontiguousarray(table)))
-            self.spans.append((n_bytes, comps.size))
-        self.tables = tables
-        coded = int((book.widths > 0).sum())
-        self.rest = torch.from_numpy(book.mean[coded:].copy())  # uncoded components decode to their mean
-        self.dim = d
+            offsets = (np.arange(n_bytes, dtype=np.int32) * 256)[None, :]
+            self.groups.append(
+                (np.ascontiguousarray(table.reshape(n_bytes * 256, per)), offsets, start_byte, n_bytes, start_dim,
+                 comps.size)
+            )
+            start_byte += n_bytes
+            start_dim += comps.size
+        self.coded = start_dim
+        self.rest = book.mean[start_dim:].astype(np.float32)  # uncoded components decode to their mean
+        self.dim = len(book.widths)
 
-    def __call__(self, packed: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def __call__(self, packed: torch.Tensor | np.ndarray, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``packed [..., B]`` uint8 -> ``[..., D]`` in the codebook's rotated frame."""
-        lead = packed.shape[:-1]
-        parts, start = [], 0
-        for table, (n_bytes, count) in zip(self.tables, self.spans, strict=True):
-            chunk = packed[..., start : start + n_bytes].long()
-            values = table[torch.arange(n_bytes), chunk]  # [..., n_bytes, per]
-            parts.append(values.reshape(*lead, -1)[..., :count].to(dtype))
-            start += n_bytes
-        parts.append(self.rest.to(dtype).expand(*lead, -1))
-        return torch.cat(parts, dim=-1)
+        codes = np.asarray(packed)
+        lead = codes.shape[:-1]
+        codes = codes.reshape(-1, codes.shape[-1])
+        out = np.empty((len(codes), self.dim), np.float32)
+        for table, offsets, first, n_bytes, dim0, count in self.groups:
+            index = codes[:, first : first + n_bytes].astype(np.int32) + offsets
+            values = np.take(table, index.ravel(), axis=0).reshape(len(codes), -1)
+            out[:, dim0 : dim0 + count] = values[:, :count]
+        out[:, self.coded :] = self.rest
+        return torch.from_numpy(out.reshape(*lead, self.dim)).to(dtype)
 
 
 def quantize_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -389,4 +399,4 @@ class Table:
             codes = torch.from_numpy(np.array(self.parts["i8"][index]))
             scale = torch.from_numpy(np.array(self.parts["scale"][index], dtype=np.float32))
             return (codes.float() * scale[..., None]).to(dtype)
-        return self.decoder(torch.from_numpy(np.array(self.parts["pca"][index])), dtype)
+        return self.decoder(np.asarray(self.parts["pca"][index]), dtype)
