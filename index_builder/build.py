@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import shutil
+import sqlite3
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -261,8 +262,6 @@ def add(gallery: str | Path, model_path: str, out: str | Path, opts: BuildOption
 
 def _present_ids(root: IndexRoot, manifest: dict) -> dict[str, set[str]]:
     current = root.versions / manifest["version"]
-    import sqlite3
-
     db = sqlite3.connect(f"file:{current / 'metadata.sqlite'}?mode=ro", uri=True)
     try:
         return {

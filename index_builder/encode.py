@@ -20,6 +20,7 @@ from model import load_image, preprocess_image
 from model.errors import ImageDecodeError
 
 from .gallery import Item, Text
+from .layout import fsync_tree
 
 
 @dataclass
@@ -134,8 +135,6 @@ def encode_shard(model, items: list[Item], texts: list[Text], out: Path, opts: E
         "seconds": round(time.perf_counter() - started, 3),
     }
     (tmp / "shard.json").write_text(json.dumps(summary))
-    for name in os.listdir(tmp):
-        with open(tmp / name, "rb") as fh:
-            os.fsync(fh.fileno())
+    fsync_tree(tmp)
     os.rename(tmp, out)
     return summary
