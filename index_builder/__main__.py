@@ -76,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         "encoded_shards": result.encoded_shards,
         "seconds": result.seconds,
     }
+    if args.command == "remove":
+        summary["removed"] = len(result.removed)
     print(json.dumps(summary))
     if getattr(args, "report", None):
         from pathlib import Path

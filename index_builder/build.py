@@ -59,6 +59,7 @@ class BuildResult:
     resumed_shards: int
     encoded_shards: int
     seconds: float
+    removed: list[str] = field(default_factory=list)  # ids taken out by ``remove``
 
 
 def resolve_device(device: str) -> str:
@@ -302,7 +303,7 @@ def remove(ids: list[str], out: str | Path, keep: int = 3) -> BuildResult:
             root, manifest["segments"], image_rows[keep_img], caption_rows[keep_cap], new_manifest, keep,
             manifest["options"].get("exact_limit", EXACT_LIMIT),
         )
-    return BuildResult(version, -len(found), 0, skipped, 0, 0, round(time.perf_counter() - started, 3))
+    return BuildResult(version, 0, 0, skipped, 0, 0, round(time.perf_counter() - started, 3), sorted(found))
 
 
 def write_report(result: BuildResult, path: Path) -> None:

@@ -137,6 +137,7 @@ def test_add_and_remove_round_trip(world, tmp_path, demo):
     gone = [json.loads(line)["id"] for line in lines[:2]]
     removed = remove([*gone, "no-such-id"], root)
     assert removed.skipped == [{"source": "no-such-id", "id": "no-such-id", "reason": "id not in the index"}]
+    assert removed.removed == sorted(gone) and removed.indexed == 0
     after = open_index(root)
     ids = {m["id"] for m in after.images(range(after.num_images))}
     assert after.num_images == len(lines) - 2 and not ids & set(gone)
