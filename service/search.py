@@ -86,17 +86,7 @@ def search_text(model, state: IndexState, query: str, params: SearchParams) -> d
     clock.lap("rerank")
     with state.lock:
         items = state.index.images(rows[best])
-    results = [
-        {
-            "id": item["id"],
-            "score": float(scores[pos]),
-            "first_stage_score": float(first[pos]),
-            "rank": rank,
-            "image_url": image_url(item["id"]),
-            "metadata": item["metadata"],
-        }
-        for rank, (pos, item) in enumerate(zip(best, items, strict=True), start=1)
-    ]
+    results = _results(items, scores.numpy()[best], first[best])
     return {"results": results, "timings_ms": clock.done(), "stage": "rerank"}
 
 
@@ -146,19 +136,7 @@ def search_image(model, state: IndexState, data: bytes, target: str, params: Sea
     clock.lap("rerank")
     with state.lock:
         items = state.index.captions(rows[best])
-    results = [
-        {
-            "id": item["id"],
-            "score": float(scores[pos]),
-            "first_stage_score": float(first[pos]),
-            "rank": rank,
-            "image_id": item["image_id"],
-            "text": item["text"],
-            "image_url": image_url(item["image_id"]),
-            "metadata": item["metadata"],
-        }
-        for rank, (pos, item) in enumerate(zip(best, items, strict=True), start=1)
-    ]
+    results = _results(items, scores.numpy()[best], first[best])
     return {"results": results, "timings_ms": clock.done(), "stage": "rerank", "target": "captions"}
 
 
@@ -168,15 +146,21 @@ def _image_to_images(state: IndexState, vector: np.ndarray, params: SearchParams
     clock.lap("first_stage")
     with state.lock:
         items = state.index.images(rows)
-    results = [
-        {
-            "id": item["id"],
-            "score": float(score),
-            "first_stage_score": float(score),
-            "rank": rank,
-            "image_url": image_url(item["id"]),
-            "metadata": item["metadata"],
-        }
-        for rank, (score, item) in enumerate(zip(first, items, strict=True), start=1)
-    ]
+    results = _results(items, first, first)
     return {"results": results, "timings_ms": clock.done(), "stage": "first_stage_only", "target": "image"}
+
+
+def _results(items: list[dict], scores: np.ndarray, first: np.ndarray) -> list[dict]:
+    """Response entries, best first, for gallery ``items`` (images, or captions carrying their image id and
+    text) with their final and first-stage scores. A caption of the text-only corpus has no image (no URL)."""
+    out = []
+    for rank, (item, score, first_score) in enumerate(zip(items, scores, first, strict=True), start=1):
+        entry = {"id": item["id"], "score": float(score), "first_stage_score": float(first_score), "rank": rank}
+        if "text" in item:  # a caption
+            entry.update(image_id=item["image_id"], text=item["text"])
+            entry["image_url"] = image_url(item["image_id"]) if item["image_id"] is not None else None
+        else:
+            entry["image_url"] = image_url(item["id"])
+        entry["metadata"] = item["metadata"]
+        out.append(entry)
+    return out
