@@ -23,12 +23,12 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTex
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
+from . import openapi as doc
 from .errors import NotReadyError, ServiceError, error_body
 from .limits import BodyLimitMiddleware
 from .metrics import Metrics, MetricsMiddleware, route_label
 from .page import PAGE_HTML, PAGE_JS
 from .requests import (
-    TextSearchRequest,
     check_query,
     parse_image_form,
     parse_json_body,
@@ -171,12 +171,18 @@ def _add_routes(app: FastAPI) -> None:
     async def favicon() -> Response:
         return Response(status_code=204)  # no icon; answering keeps browsers' automatic request out of the 404s
 
-    @app.get("/healthz")
+    @app.get("/healthz", response_model=None, responses=doc.responses(ok=doc.HealthResponse))
     async def healthz() -> dict[str, str]:
         """Liveness: the process answers."""
         return {"status": "ok"}
 
-    @app.get("/readyz")
+    @app.get(
+        "/readyz",
+        response_model=None,
+        responses=doc.responses(
+            ok=doc.ReadyResponse, **{"503": {"model": doc.NotReadyResponse, "description": "Not ready, and why."}}
+        ),
+    )
     async def readyz(engine: EngineDep) -> Response:
         """Readiness: 200 once the model and an index are loaded, else 503 with the reason."""
         reason = engine.not_ready_reason()
@@ -191,7 +197,7 @@ def _add_routes(app: FastAPI) -> None:
         text = request.app.state.metrics.render(_gauges(engine))
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    @app.get("/index")
+    @app.get("/index", response_model=None, responses=doc.responses(503, ok=doc.IndexInfo))
     async def index_info(engine: EngineDep) -> dict[str, Any]:
         """The serving index: version, counts and the builder's manifest (segment list left out)."""
         with engine.lease() as (model, state):
@@ -208,7 +214,11 @@ def _add_routes(app: FastAPI) -> None:
 
 
 def _add_gallery_routes(app: FastAPI) -> None:
-    @app.get("/images/{image_id:path}")
+    @app.get(
+        "/images/{image_id:path}",
+        response_model=None,
+        responses=doc.responses(404, 503, **{"200": doc.IMAGE_FILE_OK}),
+    )
     async def image_file(image_id: str, engine: EngineDep) -> Response:
         """The gallery file of image ``image_id`` (looked up in the index, never joined to a path)."""
         with engine.lease() as (_, state), state.lock:
@@ -220,7 +230,12 @@ def _add_gallery_routes(app: FastAPI) -> None:
             raise ServiceError(404, "image_file_missing", f"the file of image {image_id!r} is not available")
         return FileResponse(path, headers={"Cache-Control": "public, max-age=3600", **PAGE_HEADERS})
 
-    @app.post("/admin/reload")
+    @app.post(
+        "/admin/reload",
+        response_model=None,
+        responses=doc.responses(403, 404, 409, 503, ok=doc.ReloadResponse),
+        openapi_extra={"parameters": [doc.ADMIN_KEY_PARAMETER]},
+    )
     async def admin_reload(request: Request, settings: SettingsDep, engine: EngineDep) -> dict[str, Any]:
         """Check ``current`` now and serve it (retrying a version refused before). Header ``X-Admin-Key``."""
         if settings.admin_key is None:
@@ -278,9 +293,14 @@ def _queued(search):
 
 
 def _add_search_routes(app: FastAPI) -> None:
-    text_schema = {"content": {"application/json": {"schema": TextSearchRequest.model_json_schema()}}, "required": True}
+    settings = app.state.settings  # the documented limits are the ones this app enforces
 
-    @app.post("/search/text", openapi_extra={"requestBody": text_schema})
+    @app.post(
+        "/search/text",
+        response_model=None,
+        responses=doc.responses(400, 413, 415, 422, 503, ok=doc.TextSearchResponse),
+        openapi_extra={"requestBody": doc.text_request_body(settings)},
+    )
     async def search_text_route(request: Request, settings: SettingsDep, engine: EngineDep) -> dict[str, Any]:
         """Text -> images: JSON ``{"query", "k", "candidates"}``; results re-ranked by the HAT score."""
         if reason := engine.not_ready_reason():
@@ -301,7 +321,12 @@ def _add_search_routes(app: FastAPI) -> None:
                 "candidates": params.candidates,
             }
 
-    @app.post("/search/image")
+    @app.post(
+        "/search/image",
+        response_model=None,
+        responses=doc.responses(400, 413, 415, 422, 503, ok=doc.ImageSearchResponse),
+        openapi_extra={"requestBody": doc.image_request_body(settings)},
+    )
     async def search_image_route(request: Request, settings: SettingsDep, engine: EngineDep) -> dict[str, Any]:
         """Image -> captions (or ``target=image``: image -> images): multipart ``image`` + ``k``, ``candidates``."""
         if reason := engine.not_ready_reason():

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import Request
-from pydantic import BaseModel, ConfigDict, StrictInt, StrictStr, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, StrictInt, StrictStr, ValidationError
 from starlette.datastructures import UploadFile
 
 from .errors import BodyTooLargeError, ServiceError
@@ -17,14 +17,24 @@ FORM_FIELDS = {"image", "k", "candidates", "target"}
 TARGETS = ("captions", "image")
 
 
+def _json_integer(value: Any) -> Any:
+    """JSON Schema's integers: ``3`` and ``3.0`` (a number with no fraction), never ``true``, ``"3"`` or ``3.5``."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+JsonInt = Annotated[StrictInt, BeforeValidator(_json_integer)]
+
+
 class TextSearchRequest(BaseModel):
     """Body of ``POST /search/text``; ``k`` and ``candidates`` default to HAT_DEFAULT_K / HAT_DEFAULT_CANDIDATES."""
 
     model_config = ConfigDict(extra="forbid")
 
     query: StrictStr
-    k: StrictInt | None = None
-    candidates: StrictInt | None = None
+    k: JsonInt | None = None
+    candidates: JsonInt | None = None
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,9 @@
-"""Shared fixtures: the golden reference files in ../shared/golden/ (computed with the authors' code)."""
+"""Shared fixtures: the golden reference files in ../shared/golden/ (computed with the authors' code), and the
+size and report of the reliability (``stress``) tests."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -44,3 +46,32 @@ def golden_model(golden_ckpt):
     from model import load_model
 
     return load_model(golden_ckpt)
+
+
+# ------------------------------------------------------------------------------------------ stress tests
+# The `stress` tests run short in `make test` (CI) and at full size with HAT_STRESS=full (`make stress`); their
+# figures go to HAT_STRESS_REPORT (default stress-report/), one JSON file per test, and to the test's output.
+
+
+@pytest.fixture(scope="session")
+def stress_full() -> bool:
+    """True under HAT_STRESS=full (``make stress``): the sizes the reliability issue asks for."""
+    value = os.environ.get("HAT_STRESS", "short").strip().lower()
+    if value not in ("short", "full"):
+        raise pytest.UsageError(f"HAT_STRESS must be 'short' or 'full', got {value!r}")
+    return value == "full"
+
+
+@pytest.fixture
+def report_figures(request, stress_full):
+    """``report_figures(dict)``: print the test's measured figures and write them to HAT_STRESS_REPORT."""
+
+    def report(figures: dict) -> None:
+        out = Path(os.environ.get("HAT_STRESS_REPORT") or REPO / "stress-report")
+        out.mkdir(parents=True, exist_ok=True)
+        name = request.node.name.replace("/", "_").replace("[", "-").replace("]", "")
+        record = {"test": request.node.nodeid, "scale": "full" if stress_full else "short", **figures}
+        (out / f"{name}.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+        print(f"\n{request.node.nodeid}: {json.dumps(figures, default=str)}")
+
+    return report
