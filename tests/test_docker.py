@@ -130,3 +130,30 @@ def test_compose_up_search_reindex_down(compose):
         assert now["images"] == 1000 and not now["refused_versions"], now
         again = http.post("/search/text", json={"query": "a red circle", "k": 3}).json()
         assert again["index_version"] == now["version"]
+
+
+def test_gpu_image_builds_and_its_compose_variant_validates(compose):
+    """The GPU image (VARIANT=gpu: faiss-gpu) builds and imports; it cannot run a GPU here (none present)."""
+    gpu = ["-f", "docker-compose.yml", "-f", "docker-compose.gpu.yml"]
+    config = json.loads(compose(*gpu, "--profile", "tools", "config", "--format", "json", timeout=60).stdout)
+    for name in ("api", "index-builder"):
+        service = config["services"][name]
+        assert service["image"] == "hat-search:gpu" and service["build"]["args"]["VARIANT"] == "gpu", service
+        devices = service["deploy"]["resources"]["reservations"]["devices"]
+        assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"], devices
+    assert config["services"]["api"]["environment"]["HAT_DEVICE"] == "cuda"
+
+    compose(*gpu, "build", "api", timeout=BUILD_TIMEOUT)
+    probe = (
+        "import faiss, os, torch; "
+        "assert hasattr(faiss, 'StandardGpuResources'), 'faiss without GPU support'; "
+        "assert os.environ['HAT_IMAGE_VARIANT'] == 'gpu'; "
+        "print(faiss.__version__, faiss.get_num_gpus(), torch.__version__, torch.version.cuda)"
+    )
+    done = subprocess.run(
+        ["docker", "run", "--rm", "--entrypoint", "python", "hat-search:gpu", "-c", probe],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    faiss_version, gpus, torch_version, cuda = done.stdout.split()
+    assert faiss_version == "1.15.1" and gpus == "0" and torch_version.startswith("2.14.1") and cuda.startswith("13")

@@ -21,6 +21,7 @@ import httpx
 import pytest
 import uvicorn
 
+from service.__main__ import server_options
 from service.app import create_app
 from service.settings import Settings
 
@@ -112,7 +113,8 @@ class LiveServer:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=5)
+        options = {**server_options(app.state.settings), "log_level": "warning"}  # the options of `python -m service`
+        config = uvicorn.Config(app, lifespan="on", timeout_graceful_shutdown=5, **options)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 

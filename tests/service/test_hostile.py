@@ -1,0 +1,166 @@
+"""Hand-written hostile requests (the reliability issue's list, beyond what the fuzzer generates): each gets a
+4xx JSON error naming the problem, and the server keeps answering. The module's server runs with
+HAT_MAX_UPLOAD_BYTES=200000 and HAT_MAX_IMAGE_PIXELS=1000000.
+
+Also covered elsewhere: a 1 GB Content-Length claim and a zip bomb (test_security.py), a chunked upload past the
+limit and a 1.2 Mpixel header (test_bad_input.py).
+"""
+
+from __future__ import annotations
+
+import io
+import socket
+import struct
+import zlib
+
+import httpx
+import pytest
+from PIL import Image
+
+JSON = {"content-type": "application/json"}
+
+
+def _error(r: httpx.Response, status: int) -> dict:
+    assert r.status_code == status, (r.status_code, r.text[:500])
+    assert r.headers["content-type"].startswith("application/json"), r.headers
+    error = r.json()["error"]
+    assert error["code"] and error["message"] and "Traceback" not in r.text
+    return error
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG whose header declares ``width`` x ``height`` pixels, with one tiny IDAT (a few hundred bytes)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    idat = chunk(b"IDAT", zlib.compress(b"\0" * 1024))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + idat + chunk(b"IEND", b"")
+
+
+@pytest.fixture(autouse=True)
+def _still_serving(client):
+    """After every hostile request the server still answers a normal search."""
+    yield
+    r = client.post("/search/text", json={"query": "a red circle", "k": 2})
+    assert r.status_code == 200, r.text
+
+
+def test_huge_json_body_is_refused_by_size(client):
+    body = b'{"query": "' + b"a" * (20 * 1024 * 1024) + b'"}'  # 20 MB of valid JSON
+    assert "larger than the limit" in _error(client.post("/search/text", content=body, headers=JSON), 413)["message"]
+
+
+@pytest.mark.parametrize("depth", [1_000, 30_000])
+def test_deeply_nested_json(client, depth):
+    as_body = b"[" * depth + b"]" * depth
+    as_field = b'{"query": ' + b"[" * depth + b"]" * depth + b"}"
+    for raw in (as_body, as_field):
+        r = client.post("/search/text", content=raw, headers=JSON)
+        assert r.status_code in (400, 413, 422), (r.status_code, r.text[:300])
+        _error(r, r.status_code)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"query": "\xff\xfe bad bytes"}',  # invalid UTF-8 inside a string
+        b'\xef\xbb\xbf{"query": "bom first"}',  # a UTF-8 byte order mark before the JSON
+        b'{"query": "\xed\xa0\x80"}',  # an encoded UTF-16 surrogate
+        b"\xc3\x28",  # an invalid two-byte sequence and nothing else
+    ],
+)
+def test_invalid_utf8_json(client, raw):
+    assert "not valid JSON" in _error(client.post("/search/text", content=raw, headers=JSON), 400)["message"]
+
+
+@pytest.mark.parametrize(
+    ("raw", "status"),
+    [
+        (b'{"query": "\\ud800 lone surrogate escape"}', 400),  # no character: it cannot be UTF-8 text
+        (b'{"query": "a", "k": NaN}', 422),  # the parser reads NaN as a float: k is then not an integer
+        (b'{"query": "a", "k": Infinity}', 422),
+        (b'{"query": "a", "k": 1e400}', 422),  # read as infinity
+        (b'{"query": "a", "k": 100000000000000000000000000000}', 422),
+        (b'{"query": "a", "query": "b"}', 200),  # duplicate keys: the last one wins, as in most JSON parsers
+        (b'{"query": "\\u0000\\u0000"}', 200),
+        (b'{"query": "' + "\U0001f600".encode() * 1000 + b'"}', 200),  # 1,000 emoji (the limit is characters)
+        (b'{"query": "' + b"word " * 199 + b'end"}', 200),  # many more words than the model's 32 tokens
+    ],
+)
+def test_odd_but_wellformed_json(client, raw, status):
+    r = client.post("/search/text", content=raw, headers=JSON)
+    if status == 200:
+        assert r.status_code == 200, r.text[:500]
+        assert r.json()["results"]
+    else:
+        _error(r, status)
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body"),
+    [
+        ("multipart/form-data; boundary=xyz", b""),  # no parts at all
+        ("multipart/form-data; boundary=xyz", b"--xyz--\r\n"),  # an empty multipart body
+        ("multipart/form-data; boundary=xyz", b'--xyz\r\nContent-Disposition: form-data; name="k"\r\n\r\n3\r\n'
+                                              b"--xyz--\r\n"),
+        ("multipart/form-data", b"--xyz\r\n\r\n--xyz--\r\n"),  # no boundary parameter
+        ("multipart/form-data; boundary=xyz", b"garbage that is not multipart at all"),
+        ("multipart/form-data; boundary=xyz", b'--xyz\r\nContent-Disposition: form-data; name="image"; '
+                                              b'filename="a.png"\r\n\r\nunterminated'),
+    ],
+)
+def test_multipart_without_the_image_field(client, content_type, body):
+    r = client.post("/search/image", content=body, headers={"content-type": content_type})
+    assert r.status_code in (400, 422), (r.status_code, r.text[:300])
+    _error(r, r.status_code)
+
+
+def test_a_30000_by_30000_png_header(client):
+    bomb = _png_header(30_000, 30_000)
+    assert len(bomb) < 1_000
+    files = {"image": ("bomb.png", bomb, "image/png")}
+    message = _error(client.post("/search/image", files=files), 413)["message"]
+    assert "900000000 pixels" in message and "limit of 1000000 pixels" in message
+
+
+def test_png_bomb_just_under_the_pixel_limit_is_decoded_safely(client):
+    """A 1000 x 1000 PNG of zeros (a ~1 kB compressed body inflating to 3 MB) is within the limits: it decodes."""
+    buf = io.BytesIO()
+    Image.new("RGB", (1000, 1000)).save(buf, "PNG", optimize=True)
+    assert len(buf.getvalue()) < 10_000
+    r = client.post("/search/image", files={"image": ("zeros.png", buf.getvalue(), "image/png")}, data={"k": "2"})
+    assert r.status_code == 200, r.text
+
+
+def test_non_utf8_form_fields(client):
+    body = (
+        b'--xyz\r\nContent-Disposition: form-data; name="k"\r\n\r\n\xff\xfe\r\n'
+        b'--xyz\r\nContent-Disposition: form-data; name="image"; filename="\xff.png"\r\n\r\nxx\r\n--xyz--\r\n'
+    )
+    r = client.post("/search/image", content=body, headers={"content-type": "multipart/form-data; boundary=xyz"})
+    assert r.status_code in (400, 415, 422), (r.status_code, r.text[:300])
+    _error(r, r.status_code)
+
+
+@pytest.mark.parametrize("size", [70_000, 20_000_000])
+def test_huge_request_head_is_refused(server, size):
+    """Headers past 64 KiB in all get a 400 and a closed connection, however much more the client sends."""
+    with socket.create_connection((server.url.split("//")[1].split(":")[0], int(server.url.rsplit(":", 1)[1]))) as s:
+        s.settimeout(30)
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Junk: ")
+        sent, answer = 0, b""
+        try:
+            while sent < size:
+                s.sendall(b"a" * 65536)
+                sent += 65536
+            s.sendall(b"\r\n\r\n")
+        except OSError:  # the server closed the connection while the client was still sending: refused early
+            pass
+        try:
+            answer = s.recv(200)
+        except OSError:
+            answer = b""
+    assert answer == b"" or answer.startswith(b"HTTP/1.1 400"), answer
+    assert sent < 10_000_000 or size < 10_000_000, f"the server read {sent} bytes of headers without refusing"
