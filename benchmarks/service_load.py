@@ -15,7 +15,9 @@ requests, errors (any non-200, or a transport error by its name), throughput, cl
 p50/p90/p99/max in ms and the mean of the server's own ``timings_ms`` per stage. The server's ``total`` leaves
 out the wait for a search worker (HAT_WORKERS) and HTTP: client latency minus it is mostly queueing. The load
 generator runs on the same machine and takes CPU from the server: its CPU seconds are printed.
-``serve`` starts ``python -m service`` (HAT_RELOAD_INTERVAL=0), waits for ``/readyz``, runs the load, stops it.
+``serve`` starts ``python -m service`` (HAT_RELOAD_INTERVAL=0), waits for ``/readyz``, runs the load, stops it;
+it also samples the server's resident memory (VmRSS, every 0.25 s) and reports it after the warm-up, at the end,
+its peak and the growth in between.
 ``prepare-demo``: a generated world of ``--images`` test images and its index built with the demo model.
 ``prepare-base``: HAT-base sizes (Swin-B + bert-base, D = 768, random weights saved as DIR/model) with a
 gallery index of random image token features (low-rank plus noise, fitted to what the random model produces
@@ -135,6 +137,7 @@ def run_load(url: str, args: argparse.Namespace) -> dict:
              "image": [s for s in samples if s.kind == "image"]}
     summary = {kind: summarize(part, clock["start"], window) for kind, part in kinds.items() if part or kind == "all"}
     summary["load"] = {"clients": args.clients, "window_s": round(window, 2), "wall_s": round(wall, 2),
+                       "started_perf": clock["start"], "ended_perf": clock["start"] + wall,
                        "warmup": args.warmup, "k": args.k, "candidates": args.candidates,
                        "client_cpu_s": round(time.process_time() - clock["cpu"], 2)}
     print_summary(summary)
@@ -219,6 +222,43 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> None:
     raise SystemExit(f"the service was not ready within {timeout} s")
 
 
+class RssSampler:
+    """The server process's resident memory (VmRSS), sampled every ``every`` seconds in a thread."""
+
+    def __init__(self, pid: int, every: float = 0.25) -> None:
+        self.pid, self.every, self.samples = pid, every, []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+
+    def read(self) -> float:
+        with open(f"/proc/{self.pid}/status") as fh:
+            kb = next(int(line.split()[1]) for line in fh if line.startswith("VmRSS:"))
+        return kb / 1024
+
+    def _loop(self) -> None:
+        while not self.stop.is_set():
+            try:
+                self.samples.append((time.perf_counter(), self.read()))
+            except (OSError, StopIteration):
+                return
+            self.stop.wait(self.every)
+
+    def __enter__(self) -> RssSampler:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+
+    def report(self, start: float, end: float) -> dict:
+        """RSS when the measured phase began (after the warm-up), at its end, its peak, and the growth."""
+        during = [mb for t, mb in self.samples if start <= t <= end] or [mb for _, mb in self.samples[-1:]]
+        first, last = during[0], during[-1]
+        return {"after_warmup": round(first, 1), "end": round(last, 1), "peak": round(max(during), 1),
+                "growth_pct": round(100 * (last - first) / first, 2), "samples": len(during)}
+
+
 def cmd_serve(args: argparse.Namespace) -> dict:
     from service.settings import Settings
 
@@ -239,7 +279,11 @@ def cmd_serve(args: argparse.Namespace) -> dict:
         wait_ready(url, proc, args.ready_timeout)
         print(f"ready after {time.perf_counter() - started:.1f} s")
         describe(url)
-        return run_load(url, args)
+        with RssSampler(proc.pid) as rss:
+            summary = run_load(url, args)
+        summary["server_rss_mb"] = rss.report(summary["load"]["started_perf"], summary["load"]["ended_perf"])
+        print(f"server resident memory (MB): {summary['server_rss_mb']}")
+        return summary
     finally:
         proc.terminate()
         try:

@@ -166,9 +166,36 @@ def _load_pretrained_swin(model: HATModel, source: str) -> None:
 def _load_pretrained_bert(model: HATModel, source: str) -> None:
     from transformers import BertModel
 
-    ref = BertModel.from_pretrained("bert-base-uncased" if source == "hub" else source, add_pooling_layer=False)
+    try:
+        ref = BertModel.from_pretrained("bert-base-uncased" if source == "hub" else source, add_pooling_layer=False)
+    except pickle.UnpicklingError as exc:  # a pytorch_model.bin that weights_only loading refuses
+        raise HATError(f"cannot read BERT weights from {source}: {_unpickling_detail(exc)}") from exc
     model.text_encoder.bert.load_state_dict(ref.state_dict(), strict=False)
     logger.info("loaded pretrained BERT from %s", source)
+
+
+def _unpickling_detail(exc: BaseException) -> str:
+    """The line of torch's weights-only refusal that names the offending object (else its first line)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    named = [line for line in lines if "GLOBAL" in line or "Unsupported" in line]
+    return (named or lines or [type(exc).__name__])[0]
+
+
+def _read_resume_state(path: Path) -> dict:
+    """``OUT/last.pt`` of an earlier run, read with ``weights_only=True`` (never full unpickling)."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise HATError(
+            f"cannot resume from {path}: it holds Python objects that need full unpickling, which can run "
+            f"arbitrary code, so it is refused ({_unpickling_detail(exc)})"
+        ) from exc
+    except (RuntimeError, EOFError, ValueError) as exc:
+        raise HATError(f"cannot resume from {path}: not a readable training state ({_unpickling_detail(exc)})") from exc
+    keys = ("model", "optimizer", "scheduler", "state")
+    if not isinstance(saved, dict) or any(key not in saved for key in keys):
+        raise HATError(f"cannot resume from {path}: not a training state (expected the keys {', '.join(keys)})")
+    return saved
 
 
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
@@ -262,7 +289,7 @@ def train(
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
     state = {"epoch": -1, "best_rsum": -1.0, "history": [], "seconds": 0.0, "images": 0}
     if resume and (out / "last.pt").exists():
-        saved = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
+        saved = _read_resume_state(out / "last.pt")
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])

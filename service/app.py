@@ -251,10 +251,14 @@ def _add_gallery_routes(app: FastAPI) -> None:
 
 
 def _regular_file(path: str) -> str | None:
-    """``path`` resolved, if it is a regular file (not a directory, device, FIFO or dangling link)."""
+    """``path`` if it is still what the builder recorded: a regular file reached without following a symbolic
+    link. The builder stores every image's fully resolved path, so a link found there now was put in place after
+    the build and could lead anywhere (outside the gallery): such a file is not served, nor a directory, device,
+    FIFO or missing file."""
     try:
-        resolved = Path(path).resolve(strict=True)
-        return str(resolved) if stat.S_ISREG(os.stat(resolved).st_mode) else None
+        if Path(path).resolve(strict=True) != Path(path):
+            return None
+        return path if stat.S_ISREG(os.lstat(path).st_mode) else None
     except (OSError, RuntimeError):
         return None
 

@@ -101,8 +101,10 @@ def decode_image(data: bytes, image_size: int, max_pixels: int) -> torch.Tensor:
         raise ServiceError(
             415, "unsupported_image", "the upload is not a readable image (unknown format or corrupt header)"
         ) from exc
-    except Image.DecompressionBombError as exc:
-        raise ServiceError(413, "image_too_large", f"image refused as a decompression bomb ({exc})") from exc
+    except Image.DecompressionBombError as exc:  # over twice Pillow's own limit: the size is in Pillow's message
+        raise ServiceError(
+            413, "image_too_large", f"image is above the limit of {max_pixels} pixels (decompression bomb: {exc})"
+        ) from exc
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise ServiceError(422, "invalid_image", f"cannot read the image header ({exc})") from exc
     if width * height > max_pixels:
