@@ -68,8 +68,9 @@ def build_index(entries, args: argparse.Namespace, work: Path):
     with open(manifest, "w") as fh:
         for i, entry in enumerate(entries):
             fh.write(json.dumps({"id": str(i), "image": str(entry.path), "captions": list(entry.captions)}) + "\n")
-    result = build(manifest, args.model, work / "index", BuildOptions(store=args.store, progress=False,
-                                                                        workers=args.workers))
+    # our own manifest, pointing at the world's images elsewhere: trusted, so paths outside its folder are allowed
+    options = BuildOptions(store=args.store, progress=False, workers=args.workers, allow_outside_root=True)
+    result = build(manifest, args.model, work / "index", options)
     if result.skipped:
         print(f"warning: the builder skipped {len(result.skipped)} inputs: {result.skipped[:3]}", file=sys.stderr)
     return open_index(work / "index")

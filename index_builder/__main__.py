@@ -26,6 +26,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep", type=int, default=3, help="published versions to keep")
     p.add_argument("--max-pixels", type=int, default=89_478_485, help="decompression-bomb limit per image")
     p.add_argument("--exact-limit", type=int, default=EXACT_LIMIT, help="flat FAISS index up to this many vectors")
+    p.add_argument(
+        "--allow-outside-root", action="store_true",
+        help="accept image paths (and side-car caption files) that resolve, after symbolic links, outside the "
+        "gallery root: the folder, or the manifest's own folder. Off by default: such inputs are skipped with a "
+        "reason. Use it only for a trusted manifest that deliberately points elsewhere.",
+    )
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--report", help="write the result summary as JSON here")
 
@@ -38,7 +44,7 @@ def _options(args) -> BuildOptions:
     return BuildOptions(
         device=args.device, batch_size=args.batch_size, workers=max(0, args.workers), shard_size=args.shard_size,
         store=args.store, keep=args.keep, max_pixels=args.max_pixels, exact_limit=args.exact_limit,
-        texts=args.texts, progress=not args.no_progress,
+        texts=args.texts, progress=not args.no_progress, allow_outside_root=args.allow_outside_root,
     )
 
 

@@ -15,6 +15,7 @@ import shutil
 import sqlite3
 import sys
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -47,6 +48,7 @@ class BuildOptions:
     exact_limit: int = EXACT_LIMIT
     texts: str | None = None
     progress: bool = True
+    allow_outside_root: bool = False  # accept gallery paths resolving outside the folder / the manifest's folder
     extra: dict = field(default_factory=dict)
 
 
@@ -146,6 +148,30 @@ def _encode_all(root: IndexRoot, key: str, model, items, texts, opts: BuildOptio
     return shards, {"resumed_shards": resumed, "encoded_shards": encoded}
 
 
+def _clean_leftovers(root: IndexRoot) -> None:
+    """Under the writer lock: drop what a killed run left that nothing will ever read again.
+
+    ``segments/building-*`` (a segment being merged) and ``staging/.discard-*`` (a finished build's shards
+    being deleted) belong to no live writer while the lock is held. Unfinished builds' shards stay: a run with
+    the same arguments resumes from them.
+    """
+    leftovers = [*root.segments.glob("building-*"), *root.staging.glob(".discard-*")]
+    for path in leftovers:
+        logger.info("removing %s, left by an interrupted run", path)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _discard_staging(root: IndexRoot, key: str) -> None:
+    """Delete a published build's shards. Renamed away first (atomic), so that a kill during the deletion
+    never leaves a half-deleted shard (its ``shard.json`` still there) that a later run would take as whole."""
+    staging = root.staging / key
+    if not staging.exists():
+        return
+    trash = root.staging / f".discard-{key}-{uuid.uuid4().hex[:8]}"
+    os.rename(staging, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
 def _skipped_of(shards: list[Path]) -> list[dict]:
     return [s for shard in shards for s in json.loads((shard / "shard.json").read_text())["skipped"]]
 
@@ -155,12 +181,13 @@ def build(gallery: str | Path, model_path: str, out: str | Path, opts: BuildOpti
     opts = opts or BuildOptions()
     spec = StoreSpec.parse(opts.store)
     started = time.perf_counter()
-    items, skipped = read_gallery(gallery)
+    items, skipped = read_gallery(gallery, opts.allow_outside_root)
     texts, text_skipped = read_texts(opts.texts) if opts.texts else ([], [])
     skipped += text_skipped
     model = _load(model_path, opts.device)
     root = IndexRoot(out)
     with root.lock():
+        _clean_leftovers(root)
         key = "build-" + _listing_hash(items, texts, model, opts, "build")
         scan_s = time.perf_counter() - started
         shards, counts = _encode_all(root, key, model, items, texts, opts)
@@ -179,7 +206,7 @@ def build(gallery: str | Path, model_path: str, out: str | Path, opts: BuildOpti
         manifest.update(counts)
         rows = _rows(0, seg_info["images"]), _rows(0, seg_info["captions"])
         version = write_version(root, [segment], *rows, manifest, opts.keep, opts.exact_limit)
-        shutil.rmtree(root.staging / key, ignore_errors=True)
+        _discard_staging(root, key)
     _log_skipped(all_skipped)
     return BuildResult(version, n_ok, seg_info["captions"], all_skipped, counts["resumed_shards"],
                        counts["encoded_shards"], round(time.perf_counter() - started, 3))
@@ -220,11 +247,12 @@ def add(gallery: str | Path, model_path: str, out: str | Path, opts: BuildOption
     opts = opts or BuildOptions()
     started = time.perf_counter()
     root = IndexRoot(out)
-    items, skipped = read_gallery(gallery)
+    items, skipped = read_gallery(gallery, opts.allow_outside_root)
     texts, text_skipped = read_texts(opts.texts) if opts.texts else ([], [])
     skipped += text_skipped
     model = _load(model_path, opts.device)
     with root.lock():
+        _clean_leftovers(root)
         current, manifest = _current(root)
         if manifest["model"]["identity"] != model.identity:
             raise BuildError(f"the index was built by model {manifest['model']['identity'][:12]}…, not {model_path}")
@@ -255,7 +283,7 @@ def add(gallery: str | Path, model_path: str, out: str | Path, opts: BuildOption
         version = write_version(
             root, [*manifest["segments"], segment], image_rows, caption_rows, new_manifest, opts.keep, opts.exact_limit
         )
-        shutil.rmtree(root.staging / key, ignore_errors=True)
+        _discard_staging(root, key)
     _log_skipped(all_skipped)
     return BuildResult(version, seg_info["images"], seg_info["captions"], all_skipped, counts["resumed_shards"],
                        counts["encoded_shards"], round(time.perf_counter() - started, 3))

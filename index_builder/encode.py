@@ -20,7 +20,7 @@ from model import load_image, preprocess_image
 from model.errors import ImageDecodeError
 
 from .gallery import Item, Text
-from .layout import fsync_tree
+from .layout import close_inherited_locks, fsync_tree
 
 
 @dataclass
@@ -64,6 +64,7 @@ def encode_images(model, items: list[Item], opts: EncodeOptions, progress=None):
         num_workers=opts.workers,
         collate_fn=_collate,
         persistent_workers=False,
+        worker_init_fn=close_inherited_locks,  # a killed builder's lock is free at once, not when its workers exit
     )
     positions, levels, vectors, failures = [], [], [], {}
     device = model.device

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,39 +49,78 @@ class Skipped:
         return {"source": self.source, "id": self.id, "reason": self.reason}
 
 
-def read_gallery(source: str | Path) -> tuple[list[Item], list[Skipped]]:
-    """A folder (recursive) or a ``.jsonl`` manifest -> (items in a stable order, skipped inputs)."""
+def read_gallery(source: str | Path, allow_outside_root: bool = False) -> tuple[list[Item], list[Skipped]]:
+    """A folder (recursive) or a ``.jsonl`` manifest -> (items in a stable order, skipped inputs).
+
+    Every image (and caption side-car) must lie inside the gallery root after symbolic links are followed:
+    the folder itself, or the manifest's own folder. Inputs leading elsewhere (``..``, absolute paths,
+    links) are skipped with a reason, unless ``allow_outside_root`` (CLI ``--allow-outside-root``) says the
+    operator trusts the gallery to point elsewhere. Ids are opaque strings, never joined to a path.
+    """
     path = Path(source)
     if path.is_dir():
-        return scan_folder(path)
+        return scan_folder(path, allow_outside_root)
     if path.is_file():
-        return read_manifest(path)
+        return read_manifest(path, allow_outside_root)
     raise GalleryError(f"gallery {source}: not a folder or a manifest file")
 
 
-def scan_folder(folder: Path) -> tuple[list[Item], list[Skipped]]:
+OUTSIDE_FOLDER = "symbolic link leads outside the gallery folder"
+LINK_LOOP = "path cannot be resolved (symbolic link loop)"
+FOLDER_LINK = "symbolic link to a folder is not followed"
+
+
+def _resolve(path: Path) -> Path | None:
+    """``path`` with every symbolic link followed (as far as it exists), or None for a link loop."""
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):  # Python 3.11 raises RuntimeError for a loop
+        return None
+
+
+def _walk(folder: Path) -> list[Path]:
+    """Every entry under ``folder`` except hidden ones, without descending into linked folders."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
+        here = Path(dirpath)
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        found += [here / d for d in dirnames if (here / d).is_symlink()]
+        found += [here / f for f in filenames if not f.startswith(".")]
+    return sorted(found)
+
+
+def scan_folder(folder: Path, allow_outside_root: bool = False) -> tuple[list[Item], list[Skipped]]:
     """Every image file under ``folder``, id = its path relative to the folder (POSIX separators).
 
-    Files with other suffixes are recorded as skipped (caption side-car ``.txt`` files excepted); symbolic
-    links that lead outside the folder are refused.
+    Files with other suffixes are recorded as skipped (caption side-car ``.txt`` files excepted). Symbolic
+    links are followed for files only: a link that leads outside the folder is refused (unless
+    ``allow_outside_root``), and a linked folder is never descended into (no loops, no second copy of a
+    folder under other ids); both are recorded as skipped.
     """
     root = folder.resolve()
     items, skipped = [], []
-    for path in sorted(p for p in folder.rglob("*") if not p.is_dir()):
+    for path in _walk(folder):
         rel = path.relative_to(folder).as_posix()
-        if any(part.startswith(".") for part in Path(rel).parts):
-            continue
         suffix = path.suffix.lower()
+        link = path.is_symlink()
+        real = _resolve(path) if link or suffix in IMAGE_SUFFIXES else path
+        if real is None:
+            skipped.append(Skipped(rel, LINK_LOOP, rel))
+            continue
+        outside = link and not allow_outside_root and not real.is_relative_to(root)
+        if link and real.is_dir():
+            skipped.append(Skipped(rel, OUTSIDE_FOLDER if outside else FOLDER_LINK, rel))
+            continue
         if suffix == CAPTION_SUFFIX and any(path.with_suffix(s).exists() for s in _suffix_variants()):
             continue
         if suffix not in IMAGE_SUFFIXES:
             skipped.append(Skipped(rel, f"not an image file type ({suffix or 'no suffix'})", rel))
             continue
-        real = path.resolve()
-        if not real.is_relative_to(root):
-            skipped.append(Skipped(rel, "symbolic link leads outside the gallery folder", rel))
+        if not allow_outside_root and not real.is_relative_to(root):  # real: resolved for every image
+            skipped.append(Skipped(rel, OUTSIDE_FOLDER, rel))
             continue
-        items.append(Item(rel, str(real), _sidecar_captions(path)))
+        captions = _sidecar_captions(path, None if allow_outside_root else root, skipped, folder)
+        items.append(Item(rel, str(real), captions))
     return items, skipped
 
 
@@ -88,19 +128,32 @@ def _suffix_variants() -> list[str]:
     return sorted(IMAGE_SUFFIXES | {s.upper() for s in IMAGE_SUFFIXES})
 
 
-def _sidecar_captions(image: Path) -> list[str]:
+def _sidecar_captions(image: Path, root: Path | None, skipped: list[Skipped], folder: Path) -> list[str]:
+    """Captions of ``image`` from its side-car file; one leading outside ``root`` (when given) is refused."""
     sidecar = image.with_suffix(CAPTION_SUFFIX)
     if not sidecar.is_file():
         return []
+    rel = sidecar.relative_to(folder).as_posix()
+    real = _resolve(sidecar)
+    if real is None or (root is not None and not real.is_relative_to(root)):
+        skipped.append(Skipped(rel, f"caption file: {LINK_LOOP if real is None else OUTSIDE_FOLDER}"))
+        return []
     try:
-        return [line.strip() for line in sidecar.read_text(errors="replace").splitlines() if line.strip()]
+        return [line.strip() for line in real.read_text(errors="replace").splitlines() if line.strip()]
     except OSError as exc:
         logger.warning("%s: cannot read captions (%s)", sidecar, exc)
         return []
 
 
-def read_manifest(manifest: Path) -> tuple[list[Item], list[Skipped]]:
-    """JSONL lines ``{"id", "image", "captions"?, "metadata"?}``; relative image paths are relative to the file."""
+def read_manifest(manifest: Path, allow_outside_root: bool = False) -> tuple[list[Item], list[Skipped]]:
+    """JSONL lines ``{"id", "image", "captions"?, "metadata"?}``; relative image paths are relative to the file.
+
+    An image path must resolve (symbolic links followed) inside the manifest's own folder, the gallery
+    root, unless ``allow_outside_root``; the string is a plain path, never URL-decoded (``%2F`` is three
+    characters of a file name).
+    """
+    base = manifest.parent
+    root = base.resolve()
     items, skipped, seen = [], [], {}
     try:
         lines = manifest.read_text(errors="replace").splitlines()
@@ -111,19 +164,29 @@ def read_manifest(manifest: Path) -> tuple[list[Item], list[Skipped]]:
             continue
         where = f"{manifest.name}:{number}"
         try:
-            item = _manifest_item(json.loads(line), manifest.parent)
+            item, image = _manifest_item(json.loads(line), base)
         except (ValueError, TypeError) as exc:
             skipped.append(Skipped(where, f"bad manifest line: {exc}"))
             continue
         if item.id in seen:
             skipped.append(Skipped(where, f"duplicate id {item.id!r} (first at line {seen[item.id]})", item.id))
             continue
+        real = _resolve(Path(item.path))
+        if real is None:
+            skipped.append(Skipped(where, f"image {image!r}: {LINK_LOOP}", item.id))
+            continue
+        if not allow_outside_root and not real.is_relative_to(root):
+            skipped.append(Skipped(where, f"image {image!r} leads outside the gallery root (the manifest's folder "
+                                          f"{root}); --allow-outside-root accepts a trusted manifest's paths",
+                                   item.id))
+            continue
         seen[item.id] = number
-        items.append(item)
+        items.append(Item(item.id, str(real), item.captions, item.metadata))
     return items, skipped
 
 
-def _manifest_item(obj, base: Path) -> Item:
+def _manifest_item(obj, base: Path) -> tuple[Item, str]:
+    """One manifest line -> (item with its image path joined to ``base`` but not resolved, the raw path)."""
     if not isinstance(obj, dict):
         raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
     item_id, image = obj.get("id"), obj.get("image")
@@ -131,14 +194,16 @@ def _manifest_item(obj, base: Path) -> Item:
         raise ValueError("'id' must be a non-empty string or integer")
     if not isinstance(image, str) or not image:
         raise ValueError("'image' must be a non-empty path string")
+    if "\0" in image:
+        raise ValueError("'image' must not contain a NUL character")
     captions = obj.get("captions", [])
     if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
         raise ValueError("'captions' must be a list of strings")
     metadata = obj.get("metadata", {})
     if not isinstance(metadata, dict):
         raise ValueError("'metadata' must be a JSON object")
-    path = Path(image) if Path(image).is_absolute() else base / image
-    return Item(str(item_id), str(path.resolve()), [c.strip() for c in captions if c.strip()], metadata)
+    path = base / image  # an absolute ``image`` replaces ``base``
+    return Item(str(item_id), str(path), [c.strip() for c in captions if c.strip()], metadata), image
 
 
 def read_texts(source: str | Path) -> tuple[list[Text], list[Skipped]]:

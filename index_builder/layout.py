@@ -23,7 +23,7 @@ import logging
 import os
 import shutil
 import uuid
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -111,9 +111,25 @@ class IndexRoot:
                 fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError as exc:
                 raise BuildError(f"another build is writing {self.root} (lock {self.root / '.lock'} is held)") from exc
+            _HELD_LOCKS.add(fh.fileno())
             yield
         finally:
+            _HELD_LOCKS.discard(fh.fileno())
             fh.close()
+
+
+# File descriptors of the writer locks this process holds. A flock belongs to the open file, which forked
+# children (the encoder's decoding workers) share: a child closes its copies at start (close_inherited_locks), so
+# the lock goes with the builder itself when it dies, not seconds later with its orphaned workers.
+_HELD_LOCKS: set[int] = set()
+
+
+def close_inherited_locks(_worker_id: int = 0) -> None:
+    """In a forked child: close the inherited writer-lock descriptors (usable as a DataLoader worker_init_fn)."""
+    for fd in list(_HELD_LOCKS):
+        with suppress(OSError):
+            os.close(fd)
+    _HELD_LOCKS.clear()
 
     def publish(self, tmp_dir: Path, version: str, keep: int) -> Path:
         """Flush ``tmp_dir``, rename it to ``versions/<version>``, point ``current`` at it, prune old versions."""

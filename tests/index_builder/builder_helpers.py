@@ -84,3 +84,46 @@ def run_cli(*args: str, check: bool = True):
     if check and proc.returncode != 0:
         raise AssertionError(f"index_builder {args} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc
+
+
+# ------------------------------------------------------------------ comparing two indexes (crash/resume tests)
+
+
+def features_by_id(index) -> dict[str, list[np.ndarray]]:
+    """Every image's stored per-level token features (decoded to float32), by image id."""
+    ids = [m["id"] for m in index.images(range(index.num_images))]
+    out = {}
+    for row, item_id in enumerate(ids):
+        seg, local = index.image_rows[row]
+        out[item_id] = [t.rows(np.array([local]))[0].numpy() for t in index.segments[seg].image]
+    return out
+
+
+def search_text(index, model, caption: str, candidates: int = 10) -> list[str]:
+    """Text -> image ids, best first: FAISS candidates re-ranked by the full HAT score (as the service does)."""
+    import torch
+
+    with torch.inference_mode():
+        levels, lengths = model.encode_text_strings([caption])
+        _, rows = index.search("images", model.global_texts(levels, lengths).numpy(), candidates)
+        scores = index.rerank_images(levels, int(lengths[0]), rows[0])
+    order = rows[0][torch.argsort(scores, descending=True).numpy()]
+    return [m["id"] for m in index.images(order)]
+
+
+def assert_same_index(got, want, model, queries: list[str], atol: float = 1e-3) -> None:
+    """``got`` holds the same images (ids, metadata), captions, features (within ``atol``) and answers the
+    same ``queries`` with the same ranked ids as ``want``."""
+    a = {m["id"]: m for m in got.images(range(got.num_images))}
+    b = {m["id"]: m for m in want.images(range(want.num_images))}
+    assert a.keys() == b.keys(), sorted(a.keys() ^ b.keys())[:10]
+    assert all(a[k]["metadata"] == b[k]["metadata"] for k in a)
+    ca = {c["id"]: c["text"] for c in got.captions(range(got.num_captions))}
+    cb = {c["id"]: c["text"] for c in want.captions(range(want.num_captions))}
+    assert ca == cb
+    fa, fb = features_by_id(got), features_by_id(want)
+    for k in fa:
+        for x, y in zip(fa[k], fb[k], strict=True):
+            np.testing.assert_allclose(x, y, atol=atol, err_msg=f"features of {k}")
+    for query in queries:
+        assert search_text(got, model, query) == search_text(want, model, query), query
