@@ -118,19 +118,6 @@ class IndexRoot:
             fh.close()
 
 
-# File descriptors of the writer locks this process holds. A flock belongs to the open file, which forked
-# children (the encoder's decoding workers) share: a child closes its copies at start (close_inherited_locks), so
-# the lock goes with the builder itself when it dies, not seconds later with its orphaned workers.
-_HELD_LOCKS: set[int] = set()
-
-
-def close_inherited_locks(_worker_id: int = 0) -> None:
-    """In a forked child: close the inherited writer-lock descriptors (usable as a DataLoader worker_init_fn)."""
-    for fd in list(_HELD_LOCKS):
-        with suppress(OSError):
-            os.close(fd)
-    _HELD_LOCKS.clear()
-
     def publish(self, tmp_dir: Path, version: str, keep: int) -> Path:
         """Flush ``tmp_dir``, rename it to ``versions/<version>``, point ``current`` at it, prune old versions."""
         fsync_tree(tmp_dir)
@@ -163,3 +150,17 @@ def close_inherited_locks(_worker_id: int = 0) -> None:
         for seg in self.segments.iterdir() if self.segments.is_dir() else []:
             if seg.name not in used and not seg.name.startswith("building-"):
                 shutil.rmtree(seg, ignore_errors=True)
+
+
+# File descriptors of the writer locks this process holds. A flock belongs to the open file, which forked
+# children (the encoder's decoding workers) share: a child closes its copies at start (close_inherited_locks), so
+# the lock goes with the builder itself when it dies, not seconds later with its orphaned workers.
+_HELD_LOCKS: set[int] = set()
+
+
+def close_inherited_locks(_worker_id: int = 0) -> None:
+    """In a forked child: close the inherited writer-lock descriptors (usable as a DataLoader worker_init_fn)."""
+    for fd in list(_HELD_LOCKS):
+        with suppress(OSError):
+            os.close(fd)
+    _HELD_LOCKS.clear()
