@@ -230,16 +230,18 @@ class RssSampler:
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._loop, daemon=True)
 
-    def read(self) -> float:
+    def read(self) -> tuple[float, float]:
+        """(VmRSS, RssAnon) in MB: all resident pages, and those not backed by a file. The index's memory-mapped
+        features count in VmRSS as queries touch them (the page cache, reclaimable); a leak shows in RssAnon."""
         with open(f"/proc/{self.pid}/status") as fh:
-            kb = next(int(line.split()[1]) for line in fh if line.startswith("VmRSS:"))
-        return kb / 1024
+            kb = {line.split(":")[0]: int(line.split()[1]) for line in fh if line.startswith(("VmRSS:", "RssAnon:"))}
+        return kb["VmRSS"] / 1024, kb["RssAnon"] / 1024
 
     def _loop(self) -> None:
         while not self.stop.is_set():
             try:
-                self.samples.append((time.perf_counter(), self.read()))
-            except (OSError, StopIteration):
+                self.samples.append((time.perf_counter(), *self.read()))
+            except (OSError, KeyError):
                 return
             self.stop.wait(self.every)
 
@@ -252,11 +254,14 @@ class RssSampler:
         self.thread.join()
 
     def report(self, start: float, end: float) -> dict:
-        """RSS when the measured phase began (after the warm-up), at its end, its peak, and the growth."""
-        during = [mb for t, mb in self.samples if start <= t <= end] or [mb for _, mb in self.samples[-1:]]
-        first, last = during[0], during[-1]
-        return {"after_warmup": round(first, 1), "end": round(last, 1), "peak": round(max(during), 1),
-                "growth_pct": round(100 * (last - first) / first, 2), "samples": len(during)}
+        """Resident memory when the measured phase began (after the warm-up), at its end, its peak, and the
+        growth; ``anon_*`` the same for the anonymous part (heap, tensors: what a leak would grow)."""
+        during = [s[1:] for s in self.samples if start <= s[0] <= end] or [s[1:] for s in self.samples[-1:]]
+        (first, first_anon), (last, last_anon) = during[0], during[-1]
+        return {"after_warmup": round(first, 1), "end": round(last, 1), "peak": round(max(s[0] for s in during), 1),
+                "growth_pct": round(100 * (last - first) / first, 2),
+                "anon_after_warmup": round(first_anon, 1), "anon_end": round(last_anon, 1),
+                "anon_growth_pct": round(100 * (last_anon - first_anon) / first_anon, 2), "samples": len(during)}
 
 
 def cmd_serve(args: argparse.Namespace) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -14,6 +15,7 @@ from .search import SearchParams
 from .settings import Settings
 
 FORM_FIELDS = {"image", "k", "candidates", "target"}
+_FORM_INT = re.compile(r"-?[0-9]{1,30}")
 TARGETS = ("captions", "image")
 
 
@@ -121,10 +123,10 @@ def _form_int(form, name: str) -> int | None:
         return None
     if not isinstance(value, str):
         raise ServiceError(422, "validation_error", f"{name}: must be a plain form field, not a file")
-    try:
-        return int(value.strip())
-    except ValueError:
-        raise ServiceError(422, "validation_error", f"{name}: must be an integer, got {value[:40]!r}") from None
+    # ASCII digits only, as an integer is written in JSON: int() would also take " 5", "1_0" and "٥"
+    if not _FORM_INT.fullmatch(value):
+        raise ServiceError(422, "validation_error", f"{name}: must be an integer, got {value[:40]!r}")
+    return int(value)
 
 
 async def parse_image_form(request: Request, settings: Settings) -> ImageForm:
@@ -151,7 +153,7 @@ async def parse_image_form(request: Request, settings: Settings) -> ImageForm:
             raise BodyTooLargeError(upload_limit_message(settings))
         if not data:
             raise ServiceError(422, "invalid_image", "image: the uploaded file is empty")
-        target = form.get("target") or "captions"
+        target = form.get("target", "captions")
         if target not in TARGETS:
             got = str(target)[:40]
             raise ServiceError(422, "validation_error", f"target: must be 'captions' or 'image', got {got!r}")

@@ -102,6 +102,9 @@ def test_image_search_form_errors(client):
     assert "k must be between" in _error(_upload(client, _png(), k="0"), 422, "invalid_parameter")
     assert "candidates must be" in _error(_upload(client, _png(), candidates="5000"), 422, "invalid_parameter")
     assert "target" in _error(_upload(client, _png(), target="video"), 422, "validation_error")
+    assert "target" in _error(_upload(client, _png(), target=""), 422, "validation_error")
+    for odd in (" 5", "5 ", "1_0", "\u0665", "+5", "5.0", "", "9" * 31):  # integers are ASCII digits, as in JSON
+        assert "k: must be an integer" in _error(_upload(client, _png(), k=odd), 422, "validation_error"), odd
     r = client.post("/search/image", files=[("image", ("a.png", _png())), ("image", ("b.png", _png()))])
     _error(r, 400, "bad_request")
 
