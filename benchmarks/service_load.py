@@ -254,14 +254,26 @@ class RssSampler:
         self.thread.join()
 
     def report(self, start: float, end: float) -> dict:
-        """Resident memory when the measured phase began (after the warm-up), at its end, its peak, and the
-        growth; ``anon_*`` the same for the anonymous part (heap, tensors: what a leak would grow)."""
+        """Resident memory over the measured phase (after the warm-up): first and last samples, peak, and the
+        growth from the median of its first tenth of samples to the median of its last tenth (single samples
+        swing by several percent as the allocator takes and returns memory); ``anon_*`` the same for the
+        anonymous part (heap, tensors: where a leak would show)."""
         during = [s[1:] for s in self.samples if start <= s[0] <= end] or [s[1:] for s in self.samples[-1:]]
-        (first, first_anon), (last, last_anon) = during[0], during[-1]
-        return {"after_warmup": round(first, 1), "end": round(last, 1), "peak": round(max(s[0] for s in during), 1),
-                "growth_pct": round(100 * (last - first) / first, 2),
-                "anon_after_warmup": round(first_anon, 1), "anon_end": round(last_anon, 1),
-                "anon_growth_pct": round(100 * (last_anon - first_anon) / first_anon, 2), "samples": len(during)}
+        tenth = max(1, len(during) // 10)
+
+        def growth(col: int) -> float:
+            head = float(np.median([s[col] for s in during[:tenth]]))
+            tail = float(np.median([s[col] for s in during[-tenth:]]))
+            return round(100 * (tail - head) / head, 2)
+
+        return {"after_warmup": round(during[0][0], 1), "end": round(during[-1][0], 1),
+                "peak": round(max(s[0] for s in during), 1), "growth_pct": growth(0),
+                "anon_after_warmup": round(during[0][1], 1), "anon_end": round(during[-1][1], 1),
+                "anon_min": round(min(s[1] for s in during), 1), "anon_max": round(max(s[1] for s in during), 1),
+                "anon_growth_pct": growth(1),
+                "anon_by_fifth": [round(during[min(len(during) - 1, i * (len(during) - 1) // 5)][1], 1)
+                                  for i in range(6)],
+                "samples": len(during)}
 
 
 def cmd_serve(args: argparse.Namespace) -> dict:

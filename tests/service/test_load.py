@@ -78,6 +78,7 @@ def test_resident_memory_is_stable(gallery, stress_full, report_figures, tmp_pat
     report_figures({"gallery_images": 1000 if stress_full else 40, "run": run})
     assert run["requests"] == requests and not run["errors"], run
     # Both the whole resident set (which includes index pages the queries touch for the first time) and its
-    # anonymous part (heap and tensors, where a leak would show) grow by under 5%.
+    # anonymous part (heap and tensors, where a leak would show) grow by under 5%, median of the first tenth of
+    # the samples to median of the last tenth (single samples swing by a few percent with the allocator).
     assert run["server_rss_mb"]["growth_pct"] < 5.0, run["server_rss_mb"]
     assert run["server_rss_mb"]["anon_growth_pct"] < 5.0, run["server_rss_mb"]
