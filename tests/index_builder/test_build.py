@@ -10,10 +10,9 @@ import sys
 import threading
 import time
 
-import numpy as np
 import pytest
 import torch
-from builder_helpers import BAD_FILES, DEMO_MODEL, REPO, run_cli
+from builder_helpers import BAD_FILES, DEMO_MODEL, REPO, assert_same_index, run_cli, search_text
 
 from index_builder import BuildOptions, IndexFormatError, IndexRoot, add, build, open_index, remove
 from index_builder.gallery import read_manifest
@@ -84,15 +83,6 @@ def test_nothing_indexable_or_unloadable_model_exits_nonzero(tmp_path, world):
     assert proc.returncode != 0 and "cannot load model" in proc.stderr
 
 
-def _search_text(index, model, caption: str, candidates: int = 10) -> list[str]:
-    with torch.inference_mode():
-        levels, lengths = model.encode_text_strings([caption])
-        _, rows = index.search("images", model.global_texts(levels, lengths).numpy(), candidates)
-        scores = index.rerank_images(levels, int(lengths[0]), rows[0])
-    order = rows[0][torch.argsort(scores, descending=True).numpy()]
-    return [m["id"] for m in index.images(order)]
-
-
 @pytest.mark.parametrize("store", ["float16", "pca:2"])
 def test_own_caption_retrieves_its_image(world, tmp_path, demo, store):
     build(world / "manifest.jsonl", str(DEMO_MODEL), tmp_path / "idx", _opts(store=store))
@@ -100,7 +90,7 @@ def test_own_caption_retrieves_its_image(world, tmp_path, demo, store):
     hits = 0
     items, _ = read_manifest(world / "manifest.jsonl")
     for item in items:
-        hits += item.id in _search_text(index, demo, item.captions[0], candidates=10)[:5]
+        hits += item.id in search_text(index, demo, item.captions[0], candidates=10)[:5]
     assert hits >= 0.8 * len(items), f"{hits}/{len(items)} images found by their own caption in the top 5"
     # Image -> captions: an image's own captions come back near the top of the re-ranked candidates.
     with torch.inference_mode():
@@ -144,19 +134,10 @@ def test_add_and_remove_round_trip(world, tmp_path, demo):
     assert all(c["image_id"] not in gone for c in after.captions(range(after.num_captions)))
     # Search results never name removed ids.
     item = json.loads(lines[0])
-    assert not set(_search_text(after, demo, item["captions"][0], 30)) & set(gone)
+    assert not set(search_text(after, demo, item["captions"][0], 30)) & set(gone)
     # The older versions are kept (default 3) and still open.
     assert len(IndexRoot(root).list_versions()) == 3
     assert open_index(root / "versions" / v1).num_images == 14
-
-
-def _features_by_id(index) -> dict[str, list[np.ndarray]]:
-    ids = [m["id"] for m in index.images(range(index.num_images))]
-    out = {}
-    for row, item_id in enumerate(ids):
-        seg, local = index.image_rows[row]
-        out[item_id] = [t.rows(np.array([local]))[0].numpy() for t in index.segments[seg].image]
-    return out
 
 
 @pytest.mark.slow
@@ -188,19 +169,10 @@ def test_kill_9_mid_build_then_resume_equals_uninterrupted(world, tmp_path):
     clean_pca = tmp_path / "clean_pca"
     run_cli("build", *args, "--out", str(clean_pca), "--store", "pca:2")
     reference = open_index(clean_pca)
-    assert resumed.version != live
-    a = {m["id"]: m for m in resumed.images(range(24))}
-    b = {m["id"]: m for m in reference.images(range(24))}
-    assert a.keys() == b.keys() and all(a[k]["metadata"] == b[k]["metadata"] for k in a)
-    # Features equal to the uninterrupted build's (float16 store vs float16 shards; pca compared on scores).
-    fa, fb = _features_by_id(resumed), _features_by_id(reference)
-    for k in fa:
-        for x, y in zip(fa[k], fb[k], strict=True):
-            np.testing.assert_allclose(x, y, atol=1e-3)
-    demo = load_model(DEMO_MODEL)
-    for line in (world / "manifest.jsonl").read_text().splitlines()[:6]:
-        caption = json.loads(line)["captions"][1]
-        assert _search_text(resumed, demo, caption) == _search_text(reference, demo, caption)
+    assert resumed.version != live and resumed.num_images == 24
+    # Same ids, metadata, captions, features within 1e-3 and ranked answers as the uninterrupted build.
+    queries = [json.loads(line)["captions"][1] for line in (world / "manifest.jsonl").read_text().splitlines()[:6]]
+    assert_same_index(resumed, reference, load_model(DEMO_MODEL), queries, atol=1e-3)
 
 
 def test_reader_polling_current_never_sees_a_partial_index(world, tmp_path):

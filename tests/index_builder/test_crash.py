@@ -20,7 +20,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -29,8 +28,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 from builder_helpers import DEMO_MODEL, REPO, assert_same_index, run_cli, search_text
+from live_server import LiveServer
 
 from index_builder import BuildOptions, IndexRoot, build, open_index
 from model import load_model
@@ -46,36 +45,6 @@ POLL_S = 0.002
 
 
 # ----------------------------------------------------------------------------------------- the live service
-
-
-class LiveServer:
-    """The real app under uvicorn in a thread, on a loopback socket bound before it starts (as tests/service)."""
-
-    def __init__(self, app) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on",
-                                                    timeout_graceful_shutdown=5))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def start(self) -> LiveServer:
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert self.thread.is_alive() and time.monotonic() < deadline, "the test server did not start"
-            time.sleep(0.02)
-        deadline = time.monotonic() + 120
-        while httpx.get(f"{self.url}/readyz", timeout=10).status_code != 200:
-            assert time.monotonic() < deadline, "the service never became ready"
-            time.sleep(0.05)
-        return self
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-        self.sock.close()
 
 
 class Prober:
@@ -316,6 +285,7 @@ def test_kill_9_at_random_points_live_index_serves_and_resume_equals_uninterrupt
     want = open_index(ref_root)
     server = LiveServer(create_app(Settings(index_root=str(root), reload_interval=0.2, workers=1, threads=1),
                                    model=demo)).start()
+    server.wait_ready(timeout=120)
     trials = []
     try:
         with Prober(server.url, queries[0]) as prober:

@@ -1,27 +1,23 @@
 """Fixtures of the service tests: a generated gallery, an index built by the real builder, live servers.
 
-Servers are real uvicorn servers on a loopback port, talked to over the socket with httpx. In-process servers
-(a thread each) share one loaded model, so a new server costs a fraction of a second; the command-line tests
-start ``python -m service`` as a subprocess.
+Servers are real uvicorn servers on a loopback port (``tests/live_server.py``), talked to over the socket with
+httpx. In-process servers (a thread each) share one loaded model, so a new server costs a fraction of a second;
+the command-line tests start ``python -m service`` as a subprocess.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
+from live_server import LiveServer
 
-from service.__main__ import server_options
 from service.app import create_app
 from service.settings import Settings
 
@@ -102,57 +98,6 @@ def demo_model():
     from model import load_model
 
     return load_model(DEMO_MODEL)
-
-
-class LiveServer:
-    """A uvicorn server in a thread, on a loopback socket bound before it starts (no port race)."""
-
-    def __init__(self, app) -> None:
-        self.app = app
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        options = {**server_options(app.state.settings), "log_level": "warning"}  # the options of `python -m service`
-        config = uvicorn.Config(app, lifespan="on", timeout_graceful_shutdown=5, **options)
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def start(self) -> LiveServer:
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the test server did not start")
-            time.sleep(0.02)
-        return self
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-        self.sock.close()
-
-    def client(self, **kwargs) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=kwargs.pop("timeout", 60), **kwargs)
-
-    def wait_ready(self, timeout: float = 60) -> dict:
-        return wait_ready(self.url, timeout)
-
-
-def wait_ready(url: str, timeout: float = 60) -> dict:
-    """Poll ``/readyz`` until it says ready; returns its body."""
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            r = httpx.get(f"{url}/readyz", timeout=5)
-            last = r.text
-            if r.status_code == 200:
-                return r.json()
-        except httpx.TransportError as exc:
-            last = repr(exc)
-        time.sleep(0.05)
-    raise AssertionError(f"{url} not ready after {timeout} s: {last}")
 
 
 @pytest.fixture(scope="module")

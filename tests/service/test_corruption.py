@@ -14,6 +14,7 @@ the reason), answers searches with a JSON 503, and picks up a good version publi
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from live_server import poll
 from PIL import Image
 
 KINDS = ["truncated_feature_table", "truncated_row_table", "unknown_format_version", "model_mismatch", "missing_faiss"]
@@ -100,20 +102,7 @@ def _break(kind: str, version: Path, root: Path) -> str:
     raise AssertionError(kind)
 
 
-def _poll(fn, timeout: float = 30, interval: float = 0.05):
-    """Call ``fn`` until it returns something truthy; returns that."""
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            last = fn()
-        except httpx.TransportError as exc:
-            last = exc
-        else:
-            if last:
-                return last
-        time.sleep(interval)
-    raise AssertionError(f"condition not met in {timeout} s (last: {last!r})")
+_poll = functools.partial(poll, timeout=30, interval=0.05)
 
 
 def _png() -> bytes:

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import httpx
+from live_server import poll
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -22,20 +23,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _poll(fn, timeout: float = 60, interval: float = 0.1):
-    """Call ``fn`` until it returns something truthy; returns that."""
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            last = fn()
-        except httpx.TransportError as exc:
-            last = exc
-        else:
-            if last:
-                return last
-        time.sleep(interval)
-    raise AssertionError(f"condition not met in {timeout} s (last: {last!r})")
 
 
 def test_cli_serves_without_an_index_then_picks_one_up(tmp_path, index_root):
@@ -49,14 +36,14 @@ def test_cli_serves_without_an_index_then_picks_one_up(tmp_path, index_root):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
-        health = _poll(lambda: httpx.get(f"{url}/healthz", timeout=5))
+        health = poll(lambda: httpx.get(f"{url}/healthz", timeout=5))
         assert health.status_code == 200 and health.json() == {"status": "ok"}
 
         def not_ready_without_index():
             r = httpx.get(f"{url}/readyz", timeout=5)
             return r if "nothing published" in r.text else None
 
-        r = _poll(not_ready_without_index)
+        r = poll(not_ready_without_index)
         body = r.json()
         assert r.status_code == 503 and body["ready"] is False and str(root) in body["reason"]
         assert body["error"]["code"] == "not_ready"
@@ -67,7 +54,7 @@ def test_cli_serves_without_an_index_then_picks_one_up(tmp_path, index_root):
         for part in ("versions", "segments"):  # publish: data first, then the `current` pointer
             shutil.copytree(index_root / part, root / part, symlinks=True)
         os.symlink(os.readlink(index_root / "current"), root / "current")
-        ready = _poll(lambda: httpx.get(f"{url}/readyz", timeout=5).status_code == 200, timeout=30)
+        ready = poll(lambda: httpx.get(f"{url}/readyz", timeout=5).status_code == 200, timeout=30)
         assert ready
         hits = httpx.post(f"{url}/search/text", json={"query": "a red circle", "k": 3}, timeout=30)
         assert hits.status_code == 200 and len(hits.json()["results"]) == 3
@@ -80,7 +67,7 @@ def test_cli_serves_without_an_index_then_picks_one_up(tmp_path, index_root):
 def test_not_ready_without_an_index_root(start_server):
     live = start_server(index_root=None)
     with live.client() as c:
-        r = _poll(lambda: (resp := c.get("/readyz")) and "HAT_INDEX_ROOT" in resp.text and resp)
+        r = poll(lambda: (resp := c.get("/readyz")) and "HAT_INDEX_ROOT" in resp.text and resp)
         assert r.status_code == 503 and "HAT_INDEX_ROOT is not set" in r.json()["reason"]
         assert c.get("/healthz").status_code == 200
         for resp in (c.get("/index"), c.get("/images/test_00001"), c.post("/search/text", json={"query": "x"}),
@@ -91,7 +78,7 @@ def test_not_ready_without_an_index_root(start_server):
 def test_model_that_fails_to_load_is_reported(start_server, index_root, tmp_path):
     live = start_server(index_root=str(index_root), loaded_model=None, model=str(tmp_path / "no-such-model"))
     with live.client() as c:
-        r = _poll(lambda: (resp := c.get("/readyz")) and "failed" in resp.text and resp)
+        r = poll(lambda: (resp := c.get("/readyz")) and "failed" in resp.text and resp)
         assert r.status_code == 503 and "no-such-model" in r.json()["reason"]
         assert c.get("/healthz").status_code == 200
 
@@ -106,7 +93,7 @@ def test_index_of_another_model_is_refused_once(start_server, index_root, tmp_pa
     manifest_path.write_text(json.dumps(manifest))
     live = start_server(index_root=str(root), reload_interval=0.05)
     with live.client() as c:
-        r = _poll(lambda: (resp := c.get("/readyz")) and "built by model" in resp.text and resp)
+        r = poll(lambda: (resp := c.get("/readyz")) and "built by model" in resp.text and resp)
         assert r.status_code == 503 and "rebuild the index" in r.json()["reason"]
         time.sleep(0.5)  # ten poll intervals
         metrics = c.get("/metrics").text

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import threading
 import time
 from pathlib import Path
 
 import httpx
 import pytest
+from live_server import ClientThreads
 
 pytestmark = pytest.mark.slow  # runs the index builder (about 10-20 s on 2 CPU cores)
 
@@ -21,26 +21,14 @@ def _point_current(root: Path, version: str) -> None:
     os.replace(tmp, root / "current")
 
 
-class Load:
+class Load(ClientThreads):
     """Client threads that search (text and image) and fetch result images in a loop, recording everything."""
 
     def __init__(self, url: str, image: bytes, threads: int = 2) -> None:
         self.url, self.image = url, image
-        self.stop = threading.Event()
-        self.failures: list[str] = []
         self.versions: list[str] = []
         self.requests = 0
-        self.threads = [threading.Thread(target=self._run, args=(n,), daemon=True) for n in range(threads)]
-
-    def __enter__(self) -> Load:
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(timeout=60)
+        super().__init__(threads)
 
     def _run(self, n: int) -> None:
         with httpx.Client(base_url=self.url, timeout=60) as c:

@@ -7,35 +7,25 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 import time
 from pathlib import Path
 
 import httpx
 import pytest
+from live_server import ClientThreads
 
 pytestmark = pytest.mark.stress
 
 
-class Recorder:
+class Recorder(ClientThreads):
     """Client threads searching back to back; every answer is kept as (version, kind, ids, image ids)."""
+
+    join_timeout = 120.0
 
     def __init__(self, url: str, image: bytes, clients: int) -> None:
         self.url, self.image = url, image
-        self.stop = threading.Event()
         self.answers: list[tuple[str, str, list[str], list[str]]] = []
-        self.failures: list[str] = []
-        self.threads = [threading.Thread(target=self._run, args=(n,), daemon=True) for n in range(clients)]
-
-    def __enter__(self) -> Recorder:
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(timeout=120)
+        super().__init__(clients)
 
     def _run(self, n: int) -> None:
         with httpx.Client(base_url=self.url, timeout=120) as c:
