@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader
 from .authors import convert_swin_v1_state_dict
 from .checkpoint import save_model
 from .config import HATConfig, SwinConfig, TextConfig
-from .data import ImageDataset, TrainTransform, caption_table, pick_captions, read_karpathy
+from .data import EvalTransform, ImageDataset, TrainTransform, caption_table, pick_captions, read_karpathy
 from .errors import HATError
 from .evaluate import encode_split, evaluate_encoded
 from .hat import HATModel
@@ -61,6 +61,8 @@ class TrainConfig:
     lr: float = 1e-4
     lr_step: int = 10
     lr_gamma: float = 0.1
+    lr_schedule: str = "step"  # step (x lr_gamma every lr_step epochs) | cosine (per step, to 0 at the last epoch)
+    warmup_steps: int = 0  # linear warm-up from 0 over this many optimizer steps (either schedule)
     margin: float = 0.2
     hardest_from_epoch: int = 2  # epochs before this sum all violations (VSE0) instead of the hardest
     freeze_image_epochs: int = 0
@@ -69,12 +71,14 @@ class TrainConfig:
     global_temperature: float = 0.05
     crop_scale: tuple[float, float] = (0.7, 1.0)
     flip: bool = False
+    augment: bool = True  # False: train on the eval transform's pixels, decoded once and kept in memory
     amp: str = "auto"  # auto | bf16 | fp16 | off
     workers: int = 1
     val_images: int = 200
     train_images: int = 0  # 0 = all
     seed: int = 0
     max_minutes: float = 0.0  # 0 = no time budget
+    text_cache_dir: str = ""  # keep frozen-text features here for re-use by later runs ("" = in memory only)
     model: dict = field(default_factory=dict)
 
 
@@ -189,14 +193,28 @@ class TextCache:
     """Frozen text encoder: every training caption's hidden states at the model's layers, computed once.
 
     Captions are de-duplicated and encoded in batches of similar length; stored as float16 ``[N, L, H]``.
+    With ``store`` (a directory), the features are kept there under a key of the text encoder's config and
+    the captions, and re-used by later runs over the same captions (pilot runs of one world).
     """
 
-    def __init__(self, model: HATModel, texts: list[str], batch: int = 256) -> None:
+    def __init__(self, model: HATModel, texts: list[str], batch: int = 256, store: Path | None = None) -> None:
         unique = sorted(set(texts))
         slot = {t: i for i, t in enumerate(unique)}
         self.row = torch.tensor([slot[t] for t in texts], dtype=torch.long)
         tok = model.tokenizer(unique)
         self.lengths = tok.lengths
+        path = None
+        if store is not None and model.config.text_weights:
+            import hashlib
+            import json
+
+            key = json.dumps([model.config.text_weights, list(model.config.text_layers), model.config.max_text_len])
+            digest = hashlib.sha256("\n".join([key, *unique]).encode()).hexdigest()[:24]
+            path = Path(store) / f"text-{digest}.pt"
+            if path.exists():
+                self.hidden = torch.load(path, weights_only=True)
+                logger.info("loaded text features of %d unique captions from %s", len(unique), path)
+                return
         width = int(self.lengths.max())
         hidden_size = model.config.text.hidden_size
         self.hidden = [
@@ -212,6 +230,9 @@ class TextCache:
                 for store, h in zip(self.hidden, model.text_encoder(ids, mask), strict=True):
                     store[rows, :n] = h.half().cpu()
         logger.info("cached text features of %d unique captions (of %d)", len(unique), len(texts))
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _save_atomic(self.hidden, path)
 
     def project(self, model: HATModel, caption_index: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Per-level projected features ``[B, L, D]`` and lengths ``[B]`` of the given captions."""
@@ -259,7 +280,8 @@ def train(
     text_frozen_all_run = cfg.freeze_text_epochs >= cfg.epochs
     params = [p for n, p in model.named_parameters() if not (text_frozen_all_run and n.startswith("text_encoder."))]
     optimizer = torch.optim.Adam(params, lr=cfg.lr)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
+    steps_per_epoch = len(entries) // cfg.batch_size
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, steps_per_epoch))
     state = {"epoch": -1, "best_rsum": -1.0, "history": [], "seconds": 0.0, "images": 0}
     if resume and (out / "last.pt").exists():
         saved = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
@@ -269,16 +291,20 @@ def train(
         state = saved["state"]
         logger.info("resumed from %s after epoch %d", out / "last.pt", state["epoch"])
     texts, _ = caption_table(entries)
-    cache = TextCache(model.eval(), texts) if text_frozen_all_run else None
-    val_cache = TextCache(model, caption_table(val_entries)[0]) if text_frozen_all_run else None
-    dataset_t = ImageDataset(entries, TrainTransform(model.config.image.image_size, cfg.crop_scale, cfg.flip))
+    store = Path(cfg.text_cache_dir) if cfg.text_cache_dir else None
+    cache = TextCache(model.eval(), texts, store=store) if text_frozen_all_run else None
+    val_cache = TextCache(model, caption_table(val_entries)[0], store=store) if text_frozen_all_run else None
+    size = model.config.image.image_size
+    if cfg.augment:
+        dataset_t = ImageDataset(entries, TrainTransform(size, cfg.crop_scale, cfg.flip))
+    else:
+        dataset_t = PreloadedImages(entries, size)
     for epoch in range(state["epoch"] + 1, cfg.epochs):
         started = time.perf_counter()
         model.train()
         set_trainable(model, cfg, epoch)
         loader, picks = _epoch_loader(cfg, dataset_t, epoch)
-        losses = _run_epoch(model, cfg, epoch, loader, picks, texts, cache, optimizer)
-        scheduler.step()
+        losses = _run_epoch(model, cfg, epoch, loader, picks, texts, cache, optimizer, scheduler)
         seconds = time.perf_counter() - started
         state["seconds"] += seconds
         state["images"] += len(loader) * cfg.batch_size
@@ -305,11 +331,64 @@ def train(
     return state
 
 
+def lr_factor(cfg: TrainConfig, steps_per_epoch: int):
+    """The learning-rate multiplier as a function of the optimizer step (for ``LambdaLR``)."""
+    total = max(1, cfg.epochs * steps_per_epoch)
+
+    def factor(step: int) -> float:
+        warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+        if cfg.lr_schedule == "cosine":
+            return warm * 0.5 * (1.0 + math.cos(math.pi * min(1.0, step / total)))
+        if cfg.lr_schedule == "step":
+            return warm * cfg.lr_gamma ** (step // max(1, steps_per_epoch) // cfg.lr_step)
+        raise HATError(f"lr_schedule must be step or cosine, got {cfg.lr_schedule!r}")
+
+    return factor
+
+
+class PreloadedImages(ImageDataset):
+    """The eval transform's pixels of every image, decoded once and kept as uint8 ``[N, 3, S, S]``.
+
+    For worlds that need no augmentation (the model underfits them): training then sees exactly what
+    evaluation sees, and no decoding competes with the model for the CPU.
+    """
+
+    def __init__(self, entries, image_size: int) -> None:
+        super().__init__(entries, EvalTransform(image_size))
+        from .preprocess import IMAGENET_MEAN, IMAGENET_STD
+
+        mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
+        self.pixels = torch.empty(len(entries), 3, image_size, image_size, dtype=torch.uint8)
+        for i in range(len(entries)):
+            self.pixels[i] = (super().__getitem__(i)[0] * std + mean).mul(255).round().clamp(0, 255).to(torch.uint8)
+        self.mean, self.std = mean, std
+        logger.info("decoded %d training images into memory", len(entries))
+
+    def batch(self, index: torch.Tensor) -> torch.Tensor:
+        """Normalised float pixels ``[B, 3, S, S]`` of the given images."""
+        return (self.pixels[index].float() / 255 - self.mean) / self.std
+
+
+class _PreloadedBatches:
+    def __init__(self, dataset: PreloadedImages, order: torch.Tensor, batch_size: int) -> None:
+        self.dataset, self.order, self.batch_size = dataset, order, batch_size
+
+    def __len__(self) -> int:
+        return len(self.order) // self.batch_size
+
+    def __iter__(self):
+        for b in range(len(self)):
+            index = self.order[b * self.batch_size : (b + 1) * self.batch_size]
+            yield self.dataset.batch(index), index
+
+
 def _epoch_loader(cfg: TrainConfig, dataset: ImageDataset, epoch: int) -> tuple[DataLoader, torch.Tensor]:
     """The epoch's shuffled image batches and, per image, the caption drawn for it (both seeded by epoch)."""
     seed = cfg.seed * 1000 + epoch
     picks = torch.tensor(pick_captions(dataset.entries, random.Random(seed)))
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
+    if isinstance(dataset, PreloadedImages):
+        return _PreloadedBatches(dataset, order, cfg.batch_size), picks
     loader = DataLoader(
         torch.utils.data.Subset(dataset, order.tolist()),
         batch_size=cfg.batch_size,
@@ -327,6 +406,7 @@ def _record(state: dict, epoch: int, losses: list[float], seconds: float, val: d
         "val_hat_rsum": val["hat"]["rsum"],
         "val_global_rsum": val["global"]["rsum"],
         "val_hat_t2i_r1": val["hat"]["t2i"]["r1"],
+        "val_global_t2i_r1": val["global"]["t2i"]["r1"],
         "val_hat_i2t_r1": val["hat"]["i2t"]["r1"],
     }
     state["history"].append(record)
@@ -342,7 +422,7 @@ def _plain(obj):
     return obj
 
 
-def _run_epoch(model, cfg, epoch, loader, picks, texts, cache, optimizer) -> list[float]:
+def _run_epoch(model, cfg, epoch, loader, picks, texts, cache, optimizer, scheduler) -> list[float]:
     from tqdm import tqdm
 
     hardest = epoch >= cfg.hardest_from_epoch
@@ -371,6 +451,7 @@ def _run_epoch(model, cfg, epoch, loader, picks, texts, cache, optimizer) -> lis
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
+        scheduler.step()
         losses.append(loss.item())
         seen += pixels.shape[0]
         bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{seen / (time.perf_counter() - started):.1f}")
