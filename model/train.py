@@ -42,7 +42,7 @@ from .data import EvalTransform, ImageDataset, TrainTransform, caption_table, pi
 from .errors import HATError
 from .evaluate import encode_split, evaluate_encoded
 from .hat import HATModel
-from .losses import info_nce_loss, vse_hinge_loss
+from .losses import info_nce_loss, info_nce_scores, vse_hinge_loss
 from .pretrained import package_text_config, package_text_state
 from .tokenizer import HATTokenizer
 
@@ -68,6 +68,8 @@ class TrainConfig:
     freeze_image_epochs: int = 0
     freeze_text_epochs: int = NEVER
     global_weight: float = 1.0
+    hat_loss: str = "vse"  # vse: VSE++ hinge (the paper) | infonce: InfoNCE on the HAT score matrix
+    hat_temperature: float = 0.1  # for hat_loss = infonce
     global_temperature: float = 0.05
     crop_scale: tuple[float, float] = (0.7, 1.0)
     flip: bool = False
@@ -358,9 +360,15 @@ class PreloadedImages(ImageDataset):
         from .preprocess import IMAGENET_MEAN, IMAGENET_STD
 
         mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
+        from torchvision.transforms import InterpolationMode
+        from torchvision.transforms import functional as TF
+
+        from .preprocess import load_image, resize_size, to_rgb
+
         self.pixels = torch.empty(len(entries), 3, image_size, image_size, dtype=torch.uint8)
-        for i in range(len(entries)):
-            self.pixels[i] = (super().__getitem__(i)[0] * std + mean).mul(255).round().clamp(0, 255).to(torch.uint8)
+        for i, entry in enumerate(entries):  # preprocess_image's steps up to ToTensor, kept as bytes
+            image = TF.resize(to_rgb(load_image(entry.path)), resize_size(image_size), InterpolationMode.BILINEAR)
+            self.pixels[i] = TF.pil_to_tensor(TF.center_crop(image, image_size))
         self.mean, self.std = mean, std
         logger.info("decoded %d training images into memory", len(entries))
 
@@ -440,7 +448,10 @@ def _run_epoch(model, cfg, epoch, loader, picks, texts, cache, optimizer, schedu
             else:
                 text_levels, lengths = model.encode_text_strings([texts[i] for i in caption_index.tolist()])
         scores = model.similarity(image_levels, text_levels, lengths)
-        loss = vse_hinge_loss(scores, cfg.margin, hardest)
+        if cfg.hat_loss == "infonce":
+            loss = info_nce_scores(scores, cfg.hat_temperature)
+        else:
+            loss = vse_hinge_loss(scores, cfg.margin, hardest)
         if cfg.global_weight:
             loss = loss + cfg.global_weight * info_nce_loss(
                 model.global_images(image_levels), model.global_texts(text_levels, lengths), cfg.global_temperature
