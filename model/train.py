@@ -80,6 +80,9 @@ class TrainConfig:
     train_images: int = 0  # 0 = all
     seed: int = 0
     max_minutes: float = 0.0  # 0 = no time budget
+    pretrain_epochs: int = 0  # epochs of caption n-gram prediction for the image encoder before HAT's losses
+    pretrain_lr: float = 3e-4
+    neighbour_groups: int = 0  # >0: batches made of groups of this many images with similar captions
     text_cache_dir: str = ""  # keep frozen-text features here for re-use by later runs ("" = in memory only)
     model: dict = field(default_factory=dict)
 
@@ -111,7 +114,10 @@ def paper_model_config() -> HATConfig:
 
 
 PRESETS = {
-    "demo": (demo_model_config, {"epochs": 18, "lr_step": 12, "hardest_from_epoch": 10}),
+    "demo": (
+        demo_model_config,
+        {"epochs": 18, "lr_step": 12, "hardest_from_epoch": 10, "pretrain_epochs": 16, "augment": False},
+    ),
     "paper": (
         paper_model_config,
         {
@@ -236,6 +242,19 @@ class TextCache:
             path.parent.mkdir(parents=True, exist_ok=True)
             _save_atomic(self.hidden, path)
 
+    def image_embeddings(self, owner: torch.Tensor, n_images: int) -> torch.Tensor:
+        """Per image, the unit-norm mean over its captions of the mean-pooled last cached layer ``[N, H]``."""
+        last = self.hidden[-1]
+        pooled = torch.zeros(last.shape[0], last.shape[-1])
+        for start in range(0, last.shape[0], 4096):
+            h = last[start : start + 4096].float()
+            n = self.lengths[start : start + 4096]
+            mask = (torch.arange(h.shape[1])[None, :] < n[:, None]).float()[..., None]
+            pooled[start : start + 4096] = (h * mask).sum(1) / n[:, None].clamp(min=1)
+        per_caption = torch.nn.functional.normalize(pooled[self.row], dim=-1)
+        summed = torch.zeros(n_images, last.shape[-1]).index_add_(0, owner, per_caption)
+        return torch.nn.functional.normalize(summed, dim=-1)
+
     def project(self, model: HATModel, caption_index: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Per-level projected features ``[B, L, D]`` and lengths ``[B]`` of the given captions."""
         rows = self.row[caption_index]
@@ -301,11 +320,32 @@ def train(
         dataset_t = ImageDataset(entries, TrainTransform(size, cfg.crop_scale, cfg.flip))
     else:
         dataset_t = PreloadedImages(entries, size)
+    if cfg.pretrain_epochs and state["epoch"] < 0 and not state.get("pretrain"):
+        from .word_pretrain import ngram_targets, pretrain_image_encoder
+
+        vocab, targets = ngram_targets([entry.captions for entry in entries])
+        started = time.perf_counter()
+        state["pretrain"] = pretrain_image_encoder(
+            model,
+            lambda k: _epoch_loader(cfg, dataset_t, -1 - k)[0],
+            targets,
+            cfg.pretrain_epochs,
+            cfg.pretrain_lr,
+            lambda: _autocast(cfg.amp, model.device),
+        )
+        state["seconds"] += time.perf_counter() - started
+        state["images"] += sum(len(entries) // cfg.batch_size * cfg.batch_size for _ in state["pretrain"])
+        logger.info("n-gram vocabulary of %d: %s ...", len(vocab), ", ".join(vocab[:12]))
+    neighbours = None
+    if cfg.neighbour_groups:
+        if cache is None:
+            raise HATError("neighbour_groups needs the frozen-text cache (a text encoder frozen for the whole run)")
+        neighbours = caption_neighbours(cache.image_embeddings(caption_table(entries)[1], len(entries)))
     for epoch in range(state["epoch"] + 1, cfg.epochs):
         started = time.perf_counter()
         model.train()
         set_trainable(model, cfg, epoch)
-        loader, picks = _epoch_loader(cfg, dataset_t, epoch)
+        loader, picks = _epoch_loader(cfg, dataset_t, epoch, neighbours)
         losses = _run_epoch(model, cfg, epoch, loader, picks, texts, cache, optimizer, scheduler)
         seconds = time.perf_counter() - started
         state["seconds"] += seconds
@@ -390,11 +430,52 @@ class _PreloadedBatches:
             yield self.dataset.batch(index), index
 
 
-def _epoch_loader(cfg: TrainConfig, dataset: ImageDataset, epoch: int) -> tuple[DataLoader, torch.Tensor]:
+def caption_neighbours(embeddings: torch.Tensor, k: int = 32, chunk: int = 2048) -> torch.Tensor:
+    """For each image, the ``k`` other images whose captions are most alike (cosine), nearest first."""
+    k = min(k, embeddings.shape[0] - 1)
+    rows = []
+    for start in range(0, embeddings.shape[0], chunk):
+        sims = embeddings[start : start + chunk] @ embeddings.T
+        sims[torch.arange(sims.shape[0]), torch.arange(start, start + sims.shape[0])] = -2.0
+        rows.append(sims.topk(k, dim=1).indices)
+    return torch.cat(rows)
+
+
+def neighbour_order(neighbours: torch.Tensor, group: int, generator: torch.Generator) -> torch.Tensor:
+    """A permutation of all images made of groups of ``group`` images with alike captions, groups shuffled.
+
+    Anchors are taken in random order; each takes its nearest not-yet-taken neighbours. Images left over
+    (their neighbours all taken) are grouped at random. Batches of a multiple of ``group`` then hold hard
+    negatives: images whose captions differ in a word or a binding, which random batches rarely do.
+    """
+    n = neighbours.shape[0]
+    taken = torch.zeros(n, dtype=torch.bool)
+    groups, leftovers = [], []
+    for anchor in torch.randperm(n, generator=generator).tolist():
+        if taken[anchor]:
+            continue
+        free = neighbours[anchor][~taken[neighbours[anchor]]][: group - 1].tolist()
+        members = [anchor, *free]
+        taken[members] = True
+        (groups if len(members) == group else leftovers).append(members)
+    rest = [i for members in leftovers for i in members]
+    rest = [rest[i] for i in torch.randperm(len(rest), generator=generator).tolist()]
+    groups += [rest[i : i + group] for i in range(0, len(rest), group)]
+    shuffled = [groups[i] for i in torch.randperm(len(groups), generator=generator).tolist()]
+    return torch.tensor([i for members in shuffled for i in members], dtype=torch.long)
+
+
+def _epoch_loader(
+    cfg: TrainConfig, dataset: ImageDataset, epoch: int, neighbours: torch.Tensor | None = None
+) -> tuple[DataLoader, torch.Tensor]:
     """The epoch's shuffled image batches and, per image, the caption drawn for it (both seeded by epoch)."""
     seed = cfg.seed * 1000 + epoch
     picks = torch.tensor(pick_captions(dataset.entries, random.Random(seed)))
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
+    generator = torch.Generator().manual_seed(seed)
+    if neighbours is not None:
+        order = neighbour_order(neighbours, cfg.neighbour_groups, generator)
+    else:
+        order = torch.randperm(len(dataset), generator=generator)
     if isinstance(dataset, PreloadedImages):
         return _PreloadedBatches(dataset, order, cfg.batch_size), picks
     loader = DataLoader(
