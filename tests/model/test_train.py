@@ -4,6 +4,7 @@ the run resumes where it stopped, and the evaluation CLI writes the documented J
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -136,3 +137,13 @@ def test_text_cache_gives_the_same_split_encoding(world, run):
         assert torch.equal(direct.lengths, cached.lengths)
         assert (direct.text_global - cached.text_global).abs().max() < 1e-2
         assert torch.equal(direct.image_global, cached.image_global)
+
+
+def test_lr_factor_schedules():
+    from model.train import lr_factor
+
+    step = lr_factor(TrainConfig(lr_step=2, lr_gamma=0.1, epochs=6), steps_per_epoch=10)
+    assert [step(s) for s in (0, 19, 20, 40)] == pytest.approx([1.0, 1.0, 0.1, 0.01])
+    cos = lr_factor(TrainConfig(lr_schedule="cosine", warmup_steps=10, epochs=2), steps_per_epoch=50)
+    assert cos(0) == pytest.approx(0.1) and cos(9) == pytest.approx(0.5 * (1 + math.cos(math.pi * 9 / 100)))
+    assert cos(50) == pytest.approx(0.5) and cos(100) == pytest.approx(0.0, abs=1e-9)
