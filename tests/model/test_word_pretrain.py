@@ -54,6 +54,7 @@ def world(tmp_path_factory):
 
 @pytest.mark.slow
 def test_pretraining_learns_the_targets_and_leaves_no_head(world, tiny_minilm_config):
+    """On 16 images the warm-up must get below the best image-blind loss (each n-gram's base rate)."""
     from model.data import read_karpathy
     from model.train import PreloadedImages
 
@@ -61,21 +62,22 @@ def test_pretraining_learns_the_targets_and_leaves_no_head(world, tiny_minilm_co
     cfg = TrainConfig(batch_size=16, model=tiny_minilm_config.to_dict(), augment=False)
     model = build_model(cfg, None, None)
     keys = set(model.state_dict())
-    entries = read_karpathy(world / "dataset.json", world / "images", "train")
+    entries = read_karpathy(world / "dataset.json", world / "images", "train")[:16]
     _, targets = ngram_targets([e.captions for e in entries], min_images=2)
+    rate = targets.mean(0).clamp(1e-6, 1 - 1e-6)
+    blind = float(-(rate * rate.log() + (1 - rate) * (1 - rate).log()).mean())
     data = PreloadedImages(entries, 64)
     records = pretrain_image_encoder(
         model,
         lambda k: _epoch_loader(cfg, data, -1 - k)[0],
         targets,
-        epochs=25,
+        epochs=150,
         lr=1e-3,
         autocast=lambda: torch.autocast("cpu", enabled=False),
     )
-    assert [r["pretrain_epoch"] for r in records] == list(range(25))
-    # All-zero logits give BCE = ln 2 = 0.693; the loss must fall well below where it starts.
-    assert records[-1]["loss"] < 0.8 * records[0]["loss"], records
-    assert records[-1]["train_f1"] > records[0]["train_f1"]
+    assert [r["pretrain_epoch"] for r in records] == list(range(150))
+    assert records[-1]["loss"] < 0.8 * blind, (blind, records[-5:])
+    assert records[-1]["train_f1"] > 0.5, records[-5:]
     assert set(model.state_dict()) == keys  # the prediction head is not part of the model
 
 
