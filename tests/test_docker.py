@@ -4,7 +4,8 @@ see the running api serve the new version, then `docker compose down -v`.
 
 Needs a reachable Docker engine with Compose v2 (`../shared/tools/docker-engine.sh` sets one up on Debian);
 skipped with a loud reason otherwise. A cold build downloads torch and its CUDA libraries from PyPI (several
-GB); later runs reuse the cached layers.
+GB); later runs reuse the cached layers. Each rebuild retags `hat-search:latest` / `hat-search:gpu`; the image a
+rebuild left untagged is removed afterwards (only that one), so repeated CI runs do not fill the disk.
 """
 
 from __future__ import annotations
@@ -28,6 +29,20 @@ BUILD_TIMEOUT = 3600  # a cold build downloads torch + CUDA wheels
 READY_TIMEOUT = 900  # first start: 1,000 generated scenes and their index on a small CPU
 REINDEX_TIMEOUT = 900
 RELOAD_TIMEOUT = 120  # the api polls `current` every 2 s
+TAGS = ("hat-search:latest", "hat-search:gpu")
+
+
+def _image_id(tag: str) -> str | None:
+    done = subprocess.run(["docker", "image", "inspect", "--format", "{{.Id}}", tag], capture_output=True, text=True)
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def _remove_superseded(before: dict[str, str | None]) -> None:
+    """Remove the images our tags pointed at before the test if a rebuild moved the tags off them."""
+    for tag, old in before.items():
+        if old and old != _image_id(tag):
+            # fails harmlessly when another tag or a container still uses the image
+            subprocess.run(["docker", "image", "rm", old], capture_output=True, text=True, timeout=300)
 
 
 def _docker_problem() -> str | None:
@@ -86,12 +101,14 @@ def compose():
             "set up an engine with ../shared/tools/docker-engine.sh (as root) to run it."
         )
     c = Compose(f"hat-search-test-{uuid.uuid4().hex[:8]}", _free_port())
+    before = {tag: _image_id(tag) for tag in TAGS}
     try:
         yield c
     finally:
         logs = c("logs", "--no-color", "--tail", "60", timeout=120, check=False)
         print(f"--- docker compose logs (last lines) ---\n{logs.stdout}{logs.stderr}")
         c("--profile", "tools", "down", "-v", "--remove-orphans", timeout=300, check=False)
+        _remove_superseded(before)
 
 
 def test_compose_up_search_reindex_down(compose):

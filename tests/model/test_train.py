@@ -147,3 +147,15 @@ def test_lr_factor_schedules():
     cos = lr_factor(TrainConfig(lr_schedule="cosine", warmup_steps=10, epochs=2), steps_per_epoch=50)
     assert cos(0) == pytest.approx(0.1) and cos(9) == pytest.approx(0.5 * (1 + math.cos(math.pi * 9 / 100)))
     assert cos(50) == pytest.approx(0.5) and cos(100) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_in_memory_training_pixels_equal_the_eval_transform(world):
+    """`augment: False` trains on exactly the pixels evaluation and the service compute for each image."""
+    from model.preprocess import load_image, preprocess_image
+    from model.train import PreloadedImages
+
+    entries = read_karpathy(world / "dataset.json", world / "images", "train")[:6]
+    data = PreloadedImages(entries, 64)
+    expected = torch.stack([preprocess_image(load_image(e.path), 64) for e in entries])
+    got = data.batch(torch.tensor([5, 0, 3]))
+    assert got.dtype == torch.float32 and torch.equal(got, expected[[5, 0, 3]])

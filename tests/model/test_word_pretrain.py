@@ -105,3 +105,22 @@ def test_train_runs_the_warm_up_once_and_resume_skips_it(world, tiny_minilm_conf
     again = train(cfg, world / "dataset.json", world / "images", out, resume=True)
     assert again["pretrain"] == result["pretrain"]  # not run again
     assert [h["epoch"] for h in again["history"]] == [0, 1]
+
+
+def test_heads_on_shallower_levels_add_their_losses_and_leave_no_head(tiny_minilm_config):
+    """``levels=k`` puts a head on each of the last k levels; the loss is their sum; none stays in the model."""
+    pixels = torch.randn(8, 3, 64, 64)
+    targets = (torch.rand(8, 30, generator=torch.Generator().manual_seed(1)) > 0.7).float()
+    off = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731
+    first_loss = {}
+    for levels in (1, 3):
+        torch.manual_seed(0)
+        model = build_model(TrainConfig(model=tiny_minilm_config.to_dict()), None, None)
+        keys = set(model.state_dict())
+        records = pretrain_image_encoder(model, lambda k: [(pixels, torch.arange(8))], targets, 1, 1e-3, off, levels)
+        first_loss[levels] = records[0]["loss"]
+        assert set(model.state_dict()) == keys
+    # untrained heads each start near ln 2 per target: three heads give about three times one head's loss
+    assert 2.5 < first_loss[3] / first_loss[1] < 3.5, first_loss
+    with pytest.raises(ValueError, match="levels must lie in"):
+        pretrain_image_encoder(model, lambda k: [], targets, 1, 1e-3, off, levels=4)
