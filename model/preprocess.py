@@ -126,4 +126,4 @@ def preprocess_image(pil_image: Image.Image, image_size: int = 224, *, exif_tran
     if not isinstance(pil_image, Image.Image):
         raise ImageDecodeError(f"expected a PIL image, got {type(pil_image).__name__}")
     image = resized_crop(to_rgb(pil_image, exif_transpose=exif_transpose), image_size)
-    return TF.normalize(TF.to_tensor(image), IMAGENET_MEAN, IMAGENET_STD)
+    return normalize(TF.to_tensor(image))

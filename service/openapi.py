@@ -134,14 +134,25 @@ def _bounded_int(low: int, high: int, description: str) -> dict[str, Any]:
             "description": description}
 
 
-def text_request_body(settings: Settings) -> dict[str, Any]:
-    """``POST /search/text``'s body, with the limits of these settings."""
+def _request_body(media_type: str, title: str, required: list[str], properties: dict[str, Any]) -> dict[str, Any]:
+    """A required request body of one media type: a closed object schema (no properties beyond these)."""
     schema = {
         "type": "object",
-        "title": "TextSearchRequest",
+        "title": title,
         "additionalProperties": False,
-        "required": ["query"],
-        "properties": {
+        "required": required,
+        "properties": properties,
+    }
+    return {"required": True, "content": {media_type: {"schema": schema}}}
+
+
+def text_request_body(settings: Settings) -> dict[str, Any]:
+    """``POST /search/text``'s body, with the limits of these settings."""
+    return _request_body(
+        "application/json",
+        "TextSearchRequest",
+        ["query"],
+        {
             "query": {
                 "type": "string",
                 "minLength": 1,
@@ -155,18 +166,16 @@ def text_request_body(settings: Settings) -> dict[str, Any]:
                 f"First-stage candidates to re-rank, raised to k if smaller (default {settings.default_candidates}).",
             ),
         },
-    }
-    return {"required": True, "content": {"application/json": {"schema": schema}}}
+    )
 
 
 def image_request_body(settings: Settings) -> dict[str, Any]:
     """``POST /search/image``'s multipart form, with the limits of these settings."""
-    schema = {
-        "type": "object",
-        "title": "ImageSearchForm",
-        "additionalProperties": False,
-        "required": ["image"],
-        "properties": {
+    return _request_body(
+        "multipart/form-data",
+        "ImageSearchForm",
+        ["image"],
+        {
             "image": {
                 "type": "string",
                 "format": "binary",
@@ -177,8 +186,7 @@ def image_request_body(settings: Settings) -> dict[str, Any]:
             "candidates": {"type": "integer", "minimum": 1, "maximum": settings.max_candidates},
             "target": {"type": "string", "enum": ["captions", "image"], "default": "captions"},
         },
-    }
-    return {"required": True, "content": {"multipart/form-data": {"schema": schema}}}
+    )
 
 
 IMAGE_FILE_OK = {
