@@ -27,39 +27,65 @@ def world(tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="module")
-def run(world, tmp_path_factory, tiny_minilm_config):
-    out = tmp_path_factory.mktemp("run")
-    # 12 epochs x 4 steps, summed violations throughout (hardest_from_epoch beyond the run), lr 1e-4.
+def _tiny_run(world, out, model_config, seed: int = 0) -> tuple[dict, TrainConfig]:
+    """12 epochs x 4 steps from scratch, summed violations throughout (hardest_from_epoch beyond the run),
+    lr 3e-4 with a 4-step warm-up and cosine decay.
+
+    Not the paper's constant 1e-4: a 48-step run at 1e-4 sits on a plateau near the all-scores-equal loss
+    for some trajectories (on an Intel Xeon with AMX seed 0 stayed at 93-101 for 40 epochs; seeds 1-3, and
+    seed 0 with one thread, halved the loss in 12; at 2e-4 seeds 2 and 3 of 0-6 stayed), and which
+    trajectory a run takes depends on the CPU's rounding. A constant 3e-4 leaves the plateau but can diverge
+    later (seed 5 climbed back to 99 and ended at RSUM 74). With the warm-up and decay all 12 probes learned
+    (seeds 0-7 with two threads, 0-3 with one): lowest loss of epochs 7-12 at 34-55% of the first, RSUM
+    190-346. The probe and its figures: docs/benchmarks.md, "Tiny training run".
+    """
     cfg = TrainConfig(
         preset="demo",
         epochs=12,
         batch_size=16,
-        lr=1e-4,
-        lr_step=100,
+        lr=3e-4,
+        lr_schedule="cosine",
+        warmup_steps=4,
         hardest_from_epoch=100,
         workers=0,
         val_images=8,
-        model=tiny_minilm_config.to_dict(),
+        model=model_config.to_dict(),
         amp="off",
+        seed=seed,
     )
-    result = train(cfg, world / "dataset.json", world / "images", out)
+    return train(cfg, world / "dataset.json", world / "images", out), cfg
+
+
+@pytest.fixture(scope="module")
+def run(world, tmp_path_factory, tiny_minilm_config):
+    out = tmp_path_factory.mktemp("run")
+    result, cfg = _tiny_run(world, out, tiny_minilm_config)
     return out, result, cfg
 
 
-def test_loss_goes_down_and_recall_beats_chance(world, run):
-    out, result, cfg = run
+def _assert_learned(out, result: dict, cfg: TrainConfig, world) -> None:
     losses = [h["loss"] for h in result["history"]]
     assert len(losses) == 12
     # With all scores equal the summed-violation loss is 16 * 15 * 2 * 0.2 = 96 (+ InfoNCE ~2.8).
-    assert min(losses[6:]) < 0.85 * losses[0], losses
+    assert min(losses[6:]) < 0.75 * losses[0], losses
     model = build_model(cfg, None, None)
     model.load_state_dict(torch.load(out / "last.pt", weights_only=True)["model"])
     entries = read_karpathy(world / "dataset.json", world / "images", "train")
     res = evaluate_encoded(model.eval(), encode_split(model, entries), "all")
     # Chance on 64 images / 320 captions: R@1/5/10 = 1.6/7.8/15.6 % each way, RSUM = 50.
-    assert res["hat"]["rsum"] > 75, res["hat"]
+    assert res["hat"]["rsum"] > 100, res["hat"]
     assert result["images_per_second"] > 0
+
+
+def test_loss_goes_down_and_recall_beats_chance(world, run):
+    _assert_learned(*run, world)
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_other_seeds_learn_too(world, tmp_path, tiny_minilm_config, seed):
+    """Learning is not one lucky trajectory: other initialisations and batch orders learn as well."""
+    result, cfg = _tiny_run(world, tmp_path, tiny_minilm_config, seed=seed)
+    _assert_learned(tmp_path, result, cfg, world)
 
 
 def test_resume_continues_after_last_epoch(world, run):

@@ -9,8 +9,11 @@ limit and a 1.2 Mpixel header (test_bad_input.py).
 from __future__ import annotations
 
 import io
+import json
 import socket
 import struct
+import urllib.error
+import urllib.request
 import zlib
 
 import httpx
@@ -50,6 +53,37 @@ def _still_serving(client):
 def test_huge_json_body_is_refused_by_size(client):
     body = b'{"query": "' + b"a" * (20 * 1024 * 1024) + b'"}'  # 20 MB of valid JSON
     assert "larger than the limit" in _error(client.post("/search/text", content=body, headers=JSON), 413)["message"]
+
+
+@pytest.mark.parametrize("size", [1024 * 1024, 8 * 1024 * 1024])
+def test_oversize_body_refusal_reaches_clients_that_send_everything_first(server, size):
+    """httpx and urllib write the whole body before they read: the 413 must reach them every time, not a reset
+    or a broken pipe (the server drains the refused body before it closes; service/limits.py)."""
+    body = b'{"query": "' + b"a" * size + b'"}'
+    outcomes = []
+    for _ in range(10):  # fresh connections; before the drain, about one in three failed
+        with server.client() as c:
+            outcomes.append(c.post("/search/text", content=body, headers=JSON).status_code)
+        request = urllib.request.Request(f"{server.url}/search/text", data=body, headers=JSON, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=30) as r:
+                outcomes.append(r.status)
+        except urllib.error.HTTPError as exc:
+            outcomes.append(exc.code)
+            assert json.loads(exc.read())["error"]["code"] == "payload_too_large"
+    assert outcomes == [413] * 20, outcomes
+
+
+def test_oversize_body_with_expect_continue_is_answered_without_the_body(server):
+    """A client that asks ``Expect: 100-continue`` gets the 413 at once, and the server never asks for the body."""
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(b"POST /search/text HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Expect: 100-continue\r\nContent-Length: 50000000\r\n\r\n")  # fmt: skip
+        received = b""
+        while b"payload_too_large" not in received and (chunk := sock.recv(65536)):
+            received += chunk
+    assert received.startswith(b"HTTP/1.1 413") and b"100 Continue" not in received, received[:300]
 
 
 @pytest.mark.parametrize("depth", [1_000, 30_000])
