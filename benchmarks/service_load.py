@@ -254,25 +254,30 @@ class RssSampler:
         self.thread.join()
 
     def report(self, start: float, end: float) -> dict:
-        """Resident memory over the measured phase (after the warm-up): first and last samples, peak, and the
-        growth from the median of its first tenth of samples to the median of its last tenth (single samples
-        swing by several percent as the allocator takes and returns memory); ``anon_*`` the same for the
-        anonymous part (heap, tensors: where a leak would show)."""
+        """Resident memory over the measured phase (after the warm-up): first and last samples, peak, and two
+        growths, each between medians of a tenth of the samples (single samples swing by several percent as the
+        allocator takes and returns memory): ``growth_pct`` from the first tenth to the last, and
+        ``settled_growth_pct`` from the middle tenth (45-55% of the phase) to the last, which leaves out the
+        early ramp while the allocator's arenas reach their working size and keeps what a leak does: grow on.
+        ``anon_*`` the same for the anonymous part (heap, tensors: where a leak would show)."""
         during = [s[1:] for s in self.samples if start <= s[0] <= end] or [s[1:] for s in self.samples[-1:]]
         tenth = max(1, len(during) // 10)
+        middle = max(0, len(during) // 2 - tenth // 2)
 
-        def growth(col: int) -> float:
-            head = float(np.median([s[col] for s in during[:tenth]]))
+        def growth(col: int, first: int = 0) -> float:
+            head = float(np.median([s[col] for s in during[first : first + tenth]]))
             tail = float(np.median([s[col] for s in during[-tenth:]]))
             return round(100 * (tail - head) / head, 2)
 
         return {"after_warmup": round(during[0][0], 1), "end": round(during[-1][0], 1),
                 "peak": round(max(s[0] for s in during), 1), "growth_pct": growth(0),
+                "settled_growth_pct": growth(0, middle),
                 "anon_after_warmup": round(during[0][1], 1), "anon_end": round(during[-1][1], 1),
                 "anon_min": round(min(s[1] for s in during), 1), "anon_max": round(max(s[1] for s in during), 1),
-                "anon_growth_pct": growth(1),
+                "anon_growth_pct": growth(1), "anon_settled_growth_pct": growth(1, middle),
                 "anon_by_fifth": [round(during[min(len(during) - 1, i * (len(during) - 1) // 5)][1], 1)
                                   for i in range(6)],
+                "anon_series": [round(s[1], 1) for s in during[:: max(1, len(during) // 100)]],
                 "samples": len(during)}
 
 
@@ -490,7 +495,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     serve.add_argument("--index", type=Path, required=True)
     serve.add_argument("--model", default=str(REPO / "models" / "demo"))
     serve.add_argument("--port", type=int, default=0, help="default: a free port")
-    serve.add_argument("--env", action="append", default=[], help="extra HAT_*=VALUE settings (repeatable)")
+    serve.add_argument("--env", action="append", default=[], help="NAME=VALUE for the server (repeatable)")
     serve.add_argument("--ready-timeout", type=float, default=300.0)
     serve.add_argument("--log", type=Path, help="server log (default /tmp/service_load-PORT.log)")
     for p in (run, serve):

@@ -1,14 +1,16 @@
 """Sustained load on the real server (``python -m service`` in its own process) from the project's load
 generator (benchmarks/service_load.py: keep-alive HTTP clients in threads, another process), on loopback.
 
-Zero errors on both search endpoints and a resident set that does not grow (under 5% across the measured
-requests, after a warm-up). Short in `make test`; `make stress` (HAT_STRESS=full) runs 8 and 32 clients for
+Zero errors on both search endpoints and a resident set that does not grow on (under 2.5% across the second
+half of the measured requests, after a warm-up), a check shown to fail on a server with a leak. Short in
+`make test` (1,500 requests for the memory check); `make stress` (HAT_STRESS=full) runs 8 and 32 clients for
 60 s per endpoint on a 1,000-image gallery and 10,000 requests for the memory check.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -38,13 +40,14 @@ def gallery(stress_full, world, index_root, tmp_path_factory, run_builder) -> di
 
 
 def _load(gallery: dict, tmp_path: Path, *, clients: int, image_fraction: float, duration: float | None = None,
-          requests: int | None = None, warmup: int = 100) -> dict:
+          requests: int | None = None, warmup: int = 100, env: list[str] = ()) -> dict:
     out = tmp_path / f"load-{clients}-{image_fraction}-{duration}-{requests}.json"
     cmd = [
         sys.executable, str(LOAD), "serve", "--index", str(gallery["index"]), "--queries", str(gallery["queries"]),
         "--image-dir", str(gallery["images"]), "--image-fraction", str(image_fraction), "--clients", str(clients),
         "--warmup", str(warmup), "--json", str(out), "--log", str(tmp_path / "server.log"),
         *(["--requests", str(requests)] if requests else ["--duration", str(duration)]),
+        *[arg for entry in env for arg in ("--env", entry)],
     ]  # fmt: skip
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=3600)
     assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
@@ -67,18 +70,64 @@ def test_sustained_load_has_no_errors(gallery, stress_full, report_figures, tmp_
     runs = [_load(gallery, tmp_path, clients=c, image_fraction=fraction, duration=60 if stress_full else 5)
             for c in ((8, 32) if stress_full else (8,))]  # fmt: skip
     report_figures({"gallery_images": 1000 if stress_full else 40, "runs": runs})
-    for run in runs:  # memory is reported here; test_resident_memory_is_stable holds it to under 5% growth
+    for run in runs:  # memory is reported here; test_resident_memory_is_stable judges its trend
         assert run["requests"] > 0 and not run["errors"], run
 
 
+# A leak grows on; the allocator's arenas grow in the first few hundred requests and then hold (measured over
+# 3,000 requests on the short gallery, twice: RssAnon 658 -> 700 MB and 656 -> 677 MB within the first tenth,
+# then flat within +-10 MB; docs/reliability.md). So the check compares the median of the middle tenth of the
+# samples with the median of the last tenth: a leak of b bytes per request adds about b * N / 2 there, the ramp
+# adds nothing. 2.5% over the second half is the leak rate that 5% over the whole run allowed before.
+SETTLED_GROWTH_LIMIT_PCT = 2.5
+MEMORY_REQUESTS_SHORT = 1_500
+
+
 def test_resident_memory_is_stable(gallery, stress_full, report_figures, tmp_path):
-    """After a warm-up, the server's resident set grows by under 5% across the measured requests (80/20 mixed)."""
-    requests = 10_000 if stress_full else 300
+    """After a warm-up, neither the server's resident set nor its anonymous part grows on across the second
+    half of the measured requests (8 clients, 80% text / 20% image)."""
+    requests = 10_000 if stress_full else MEMORY_REQUESTS_SHORT
     run = _load(gallery, tmp_path, clients=8, image_fraction=0.2, requests=requests, warmup=200)
     report_figures({"gallery_images": 1000 if stress_full else 40, "run": run})
     assert run["requests"] == requests and not run["errors"], run
     # Both the whole resident set (which includes index pages the queries touch for the first time) and its
-    # anonymous part (heap and tensors, where a leak would show) grow by under 5%, median of the first tenth of
-    # the samples to median of the last tenth (single samples swing by a few percent with the allocator).
-    assert run["server_rss_mb"]["growth_pct"] < 5.0, run["server_rss_mb"]
-    assert run["server_rss_mb"]["anon_growth_pct"] < 5.0, run["server_rss_mb"]
+    # anonymous part (heap and tensors, where a leak would show).
+    assert run["server_rss_mb"]["settled_growth_pct"] < SETTLED_GROWTH_LIMIT_PCT, run["server_rss_mb"]
+    assert run["server_rss_mb"]["anon_settled_growth_pct"] < SETTLED_GROWTH_LIMIT_PCT, run["server_rss_mb"]
+
+
+LEAK = """
+import os
+import service.app
+
+_create_app, _kept = service.app.create_app, []
+
+
+def create_app(*args, **kwargs):
+    app = _create_app(*args, **kwargs)
+    size = int(os.environ["HAT_TEST_LEAK_BYTES"])
+
+    @app.middleware("http")
+    async def leak(request, call_next):
+        _kept.append(os.urandom(size))  # random bytes: every page is touched, so resident
+        return await call_next(request)
+
+    return app
+
+
+service.app.create_app = create_app
+"""
+
+
+def test_memory_check_catches_a_leak(gallery, report_figures, tmp_path):
+    """The same check on a server that keeps 50 kB per request (a middleware loaded by ``sitecustomize``):
+    it must fail, or the check above proves nothing."""
+    hooks = tmp_path / "leaky"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(LEAK)
+    env = [f"PYTHONPATH={hooks}{os.pathsep}{REPO}", "HAT_TEST_LEAK_BYTES=51200"]
+    run = _load(gallery, tmp_path, clients=8, image_fraction=0.2, requests=MEMORY_REQUESTS_SHORT, warmup=200, env=env)
+    report_figures({"leak_bytes_per_request": 51200, "run": run})
+    assert run["requests"] == MEMORY_REQUESTS_SHORT and not run["errors"], run
+    assert run["server_rss_mb"]["anon_settled_growth_pct"] >= SETTLED_GROWTH_LIMIT_PCT, run["server_rss_mb"]
+    assert run["server_rss_mb"]["settled_growth_pct"] >= SETTLED_GROWTH_LIMIT_PCT, run["server_rss_mb"]
