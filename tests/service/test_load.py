@@ -30,7 +30,7 @@ def gallery(stress_full, world, index_root, tmp_path_factory, run_builder) -> di
         return {"index": index_root, "queries": world["manifests"]["base"], "images": world["dir"] / "images"}
     out = tmp_path_factory.mktemp("load-gallery")
     subprocess.run(
-        [sys.executable, "-m", "model.synthetic", "--out", str(out), "--seed", "1",
+        [sys.executable, "-m", "training.synthetic", "--out", str(out), "--seed", "1",
          "--train", "0", "--val", "0", "--test", "1000"],
         cwd=REPO, check=True, capture_output=True, timeout=300,
     )  # fmt: skip
@@ -90,10 +90,13 @@ def test_resident_memory_is_stable(gallery, stress_full, report_figures, tmp_pat
     run = _load(gallery, tmp_path, clients=8, image_fraction=0.2, requests=requests, warmup=200)
     report_figures({"gallery_images": 1000 if stress_full else 40, "run": run})
     assert run["requests"] == requests and not run["errors"], run
-    # Both the whole resident set (which includes index pages the queries touch for the first time) and its
-    # anonymous part (heap and tensors, where a leak would show).
-    assert run["server_rss_mb"]["settled_growth_pct"] < SETTLED_GROWTH_LIMIT_PCT, run["server_rss_mb"]
-    assert run["server_rss_mb"]["anon_settled_growth_pct"] < SETTLED_GROWTH_LIMIT_PCT, run["server_rss_mb"]
+    assert not _memory_growth(run["server_rss_mb"]), run["server_rss_mb"]
+
+
+def _memory_growth(rss: dict) -> list[str]:
+    """The memory check: which of the whole resident set (which includes index pages the queries touch for the
+    first time) and its anonymous part (heap and tensors, where a leak shows) grew on in the second half."""
+    return [key for key in ("settled_growth_pct", "anon_settled_growth_pct") if rss[key] >= SETTLED_GROWTH_LIMIT_PCT]
 
 
 LEAK = """
@@ -129,5 +132,6 @@ def test_memory_check_catches_a_leak(gallery, report_figures, tmp_path):
     run = _load(gallery, tmp_path, clients=8, image_fraction=0.2, requests=MEMORY_REQUESTS_SHORT, warmup=200, env=env)
     report_figures({"leak_bytes_per_request": 51200, "run": run})
     assert run["requests"] == MEMORY_REQUESTS_SHORT and not run["errors"], run
-    assert run["server_rss_mb"]["anon_settled_growth_pct"] >= SETTLED_GROWTH_LIMIT_PCT, run["server_rss_mb"]
-    assert run["server_rss_mb"]["settled_growth_pct"] >= SETTLED_GROWTH_LIMIT_PCT, run["server_rss_mb"]
+    # The check trips, and on the anonymous part, where a leak of heap memory shows. (The whole resident set
+    # grows by the same megabytes but on a base almost twice as large: 2.25% in one CI run, 4.02% in another.)
+    assert "anon_settled_growth_pct" in _memory_growth(run["server_rss_mb"]), run["server_rss_mb"]
