@@ -28,7 +28,7 @@ bench-rerank: install
 # One command serves the bundled demo: environment, a generated 1,000-scene gallery (seed 1; the demo model
 # never saw it) and its index are made when missing, then the service runs in the foreground.
 serve-demo: install
-	@test -f $(DEMO_GALLERY)/manifest.jsonl || $(BIN)/python -m model.synthetic --out $(DEMO_GALLERY) \
+	@test -f $(DEMO_GALLERY)/manifest.jsonl || $(BIN)/python -m training.synthetic --out $(DEMO_GALLERY) \
 		--seed 1 --train 0 --val 0 --test 1000
 	@test -L $(DEMO_INDEX)/current || $(BIN)/python -m index_builder build --model models/demo \
 		--gallery $(DEMO_GALLERY)/manifest.jsonl --out $(DEMO_INDEX)

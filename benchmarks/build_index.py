@@ -24,11 +24,11 @@ import torch
 from index_builder import BuildOptions, build, open_index
 from index_builder.encode import EncodeOptions, encode_images
 from index_builder.gallery import Item
-from index_builder.store import StoreSpec, Table, train_codebooks, write_table
+from index_format import StoreSpec, Table, train_codebooks, write_table
 from model import HATModel, load_model
 from model.alignment import hierarchical_similarity
-from model.data import read_karpathy
-from model.evaluate import encode_split
+from training.data import read_karpathy
+from training.evaluate import encode_split
 
 REPO = Path(__file__).resolve().parents[1]
 STORES = ("float16", "int8", "pca:2", "pca:3")
@@ -40,7 +40,7 @@ def _items(dataset: str, images: str, n: int) -> list[Item]:
 
 
 def base_model() -> HATModel:
-    from model.train import paper_model_config
+    from training import paper_model_config
 
     torch.manual_seed(0)
     return HATModel(paper_model_config()).eval()

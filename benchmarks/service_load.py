@@ -319,7 +319,7 @@ def cmd_serve(args: argparse.Namespace) -> dict:
 def cmd_prepare_demo(args: argparse.Namespace) -> None:
     world, index = args.out / "world", args.out / "index"
     py = [sys.executable, "-m"]
-    subprocess.run([*py, "model.synthetic", "--out", str(world), "--seed", str(args.seed), "--train", "0",
+    subprocess.run([*py, "training.synthetic", "--out", str(world), "--seed", str(args.seed), "--train", "0",
                     "--val", "0", "--test", str(args.images)], cwd=REPO, check=True)
     subprocess.run([*py, "index_builder", "build", "--gallery", str(world / "manifest.jsonl"), "--model",
                     str(args.model), "--out", str(index), "--workers", str(args.workers)], cwd=REPO, check=True)
@@ -332,7 +332,7 @@ def base_model(out: Path):
     import torch
 
     from model import HATModel, HATTokenizer, load_model, save_model
-    from model.train import paper_model_config
+    from training import paper_model_config
 
     torch.manual_seed(0)
     m = HATModel(paper_model_config()).eval()
@@ -343,7 +343,7 @@ def base_model(out: Path):
 
 def scenes(out: Path, n: int, seed: int) -> tuple[list[Path], list[str]]:
     """``n`` generated scene PNGs (query images, one doubles as every gallery item's file) and their captions."""
-    from model.synthetic import BACKGROUNDS, captions, draw_scene, random_scene
+    from training.synthetic import BACKGROUNDS, captions, draw_scene, random_scene
 
     rng = random.Random(seed)
     out.mkdir(parents=True, exist_ok=True)
@@ -428,9 +428,18 @@ def write_shard(out: Path, first: int, n: int, calib, pool, meta: dict, rng: np.
 
 
 def cmd_prepare_base(args: argparse.Namespace) -> None:
-    from index_builder import BuildOptions, IndexRoot, StoreSpec, open_index
-    from index_builder.build import _manifest, _rows, model_info
-    from index_builder.version import train_store, write_segment, write_version
+    from index_builder import (
+        BuildOptions,
+        IndexRoot,
+        StoreSpec,
+        gallery_rows,
+        model_info,
+        open_index,
+        train_store,
+        write_manifest,
+        write_segment,
+        write_version,
+    )
 
     started = time.perf_counter()
     model = base_model(args.out / "model")
@@ -453,9 +462,10 @@ def cmd_prepare_base(args: argparse.Namespace) -> None:
         books = train_store(shards, spec, info["levels"], info["image_tokens"])
         segment = write_segment(root, shards, spec, info, books)
         seg = json.loads((root.segments / segment / "segment.json").read_text())
-        manifest = _manifest(info, args.out / "model", spec, BuildOptions(store=spec.label()), [], "build", None)
+        manifest = write_manifest(info, args.out / "model", spec, BuildOptions(store=spec.label()), [], "build", None)
         manifest["synthetic"] = "random image token features: benchmarks/service_load.py prepare-base"
-        version = write_version(root, [segment], _rows(0, seg["images"]), _rows(0, seg["captions"]), manifest, 3)
+        rows = gallery_rows(0, seg["images"]), gallery_rows(0, seg["captions"])
+        version = write_version(root, [segment], *rows, manifest, 3)
         shutil.rmtree(staging, ignore_errors=True)
     index = open_index(root.root, expect_identity=model.identity)
     size = sum(f.stat().st_size for f in (root.segments / segment).iterdir()) / 2**30

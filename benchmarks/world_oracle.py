@@ -2,10 +2,10 @@
 
     python benchmarks/world_oracle.py --seed 0 --train 10000 --val 1014 --test 1000 --split test [--limit N]
 
-Replays the world from its seed (``model.synthetic.iter_world``), parses every caption of the split back into
+Replays the world from its seed (``training.synthetic.iter_world``), parses every caption of the split back into
 what it states (objects with colour, shape and maybe size; one spatial relation; maybe the object count) and
 counts, per caption, the images of the split whose scene satisfies all of it (relations by the generator's
-own rule, ``model.synthetic.relation``). An oracle that knows exactly what the captions state and breaks ties
+own rule, ``training.synthetic.relation``). An oracle that knows exactly what the captions state and breaks ties
 at random gets R@1 = mean(1 / k) over captions, where k counts the consistent images (k >= 1: its own).
 
 Two readings: ``literal`` (a listing or a relation says nothing about other objects unless a count is
@@ -21,7 +21,7 @@ import re
 import sys
 from dataclasses import dataclass
 
-from model.synthetic import (
+from training.synthetic import (
     COLOURS,
     RELATIONS,
     SHAPES,

@@ -18,7 +18,7 @@ if [ ! -f "$GALLERY/manifest.jsonl" ]; then
   echo "entrypoint: no gallery at $GALLERY: generating the 1,000-scene demo gallery (seed 1)"
   tmp="$GALLERY.tmp"
   rm -rf "$tmp"
-  python -m model.synthetic --out "$tmp" --seed 1 --train 0 --val 0 --test 1000
+  python -m training.synthetic --out "$tmp" --seed 1 --train 0 --val 0 --test 1000
   # the manifest's image paths are relative to it: moving the folder keeps it valid
   rm -rf "$GALLERY"
   mv "$tmp" "$GALLERY"

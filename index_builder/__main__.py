@@ -7,9 +7,10 @@ import json
 import logging
 import sys
 
+from index_format import StoreSpec
+
 from .build import BuildOptions, add, build, remove
 from .errors import BuildError, GalleryError
-from .store import StoreSpec
 from .version import EXACT_LIMIT
 
 

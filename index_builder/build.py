@@ -20,15 +20,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from model import load_model
+from index_format import IndexRoot, StoreSpec, write_json
+from model import DeviceError, load_model, resolve_device
 
 from .encode import EncodeOptions, encode_shard
 from .errors import BuildError
 from .gallery import Item, Skipped, Text, read_gallery, read_texts
-from .layout import IndexRoot, write_json
-from .store import StoreSpec
 from .version import EXACT_LIMIT, copy_codebooks, read_jsonl, train_store, write_segment, write_version
 
 logger = logging.getLogger(__name__)
@@ -64,25 +62,22 @@ class BuildResult:
     removed: list[str] = field(default_factory=list)  # ids taken out by ``remove``
 
 
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise BuildError(f"--device {device}: CUDA is not available on this machine")
-    return device
-
-
 def _load(model_path: str, device: str):
     try:
-        return load_model(model_path, device=resolve_device(device))
+        device = resolve_device(device)
+    except DeviceError as exc:
+        raise BuildError(f"--device {device}: {exc}") from exc
+    try:
+        return load_model(model_path, device=device)
     except Exception as exc:  # every loader failure is fatal for a build, reported in one line
         raise BuildError(f"cannot load model {model_path}: {exc}") from exc
 
 
 def model_info(model) -> dict:
+    """What the index records of the model: identity, levels, dims, image tokens per level, scoring."""
     cfg = model.config
-    size = cfg.image.image_size // cfg.image.patch_size
-    tokens = [(size // 2 ** (s)) ** 2 for s in cfg.image_stages]
+    stage_tokens = cfg.image.stage_tokens()
+    tokens = [stage_tokens[s] for s in cfg.image_stages]
     return {
         "identity": model.identity,
         "levels": len(cfg.image_stages),
@@ -201,10 +196,10 @@ def build(gallery: str | Path, model_path: str, out: str | Path, opts: BuildOpti
         books = train_store(shards, spec, info["levels"], info["image_tokens"])
         segment = write_segment(root, shards, spec, info, books)
         seg_info = json.loads((root.segments / segment / "segment.json").read_text())
-        manifest = _manifest(info, model_path, spec, opts, all_skipped, "build", None)
+        manifest = write_manifest(info, model_path, spec, opts, all_skipped, "build", None)
         manifest["timings"] = {"scan_s": round(scan_s, 3), "encode_s": round(encode_s, 3)}
         manifest.update(counts)
-        rows = _rows(0, seg_info["images"]), _rows(0, seg_info["captions"])
+        rows = gallery_rows(0, seg_info["images"]), gallery_rows(0, seg_info["captions"])
         version = write_version(root, [segment], *rows, manifest, opts.keep, opts.exact_limit)
         _discard_staging(root, key)
     _log_skipped(all_skipped)
@@ -212,11 +207,13 @@ def build(gallery: str | Path, model_path: str, out: str | Path, opts: BuildOpti
                        counts["encoded_shards"], round(time.perf_counter() - started, 3))
 
 
-def _rows(segment: int, n: int) -> np.ndarray:
+def gallery_rows(segment: int, n: int) -> np.ndarray:
+    """``[n, 2]`` int64 (segment, row) pairs addressing rows ``0..n-1`` of one segment."""
     return np.stack([np.full(n, segment, np.int64), np.arange(n, dtype=np.int64)], axis=1)
 
 
-def _manifest(info, model_path, spec, opts, skipped, operation, parent) -> dict:
+def write_manifest(info, model_path, spec, opts, skipped, operation, parent) -> dict:
+    """The version manifest's body (model identity and sizes, store, options, skip list, lineage)."""
     options = {k: v for k, v in asdict(opts).items() if k not in ("progress", "extra")}
     return {
         "model": {**info, "source": str(model_path)},
@@ -276,9 +273,9 @@ def add(gallery: str | Path, model_path: str, out: str | Path, opts: BuildOption
         segment = write_segment(root, shards, spec, info, books)
         seg_info = json.loads((root.segments / segment / "segment.json").read_text())
         s = len(manifest["segments"])
-        image_rows = np.concatenate([np.load(current / "image_rows.npy"), _rows(s, seg_info["images"])])
-        caption_rows = np.concatenate([np.load(current / "caption_rows.npy"), _rows(s, seg_info["captions"])])
-        new_manifest = _manifest(info, model_path, spec, opts, all_skipped, "add", manifest["version"])
+        image_rows = np.concatenate([np.load(current / "image_rows.npy"), gallery_rows(s, seg_info["images"])])
+        caption_rows = np.concatenate([np.load(current / "caption_rows.npy"), gallery_rows(s, seg_info["captions"])])
+        new_manifest = write_manifest(info, model_path, spec, opts, all_skipped, "add", manifest["version"])
         new_manifest.update(counts)
         version = write_version(
             root, [*manifest["segments"], segment], image_rows, caption_rows, new_manifest, opts.keep, opts.exact_limit

@@ -16,11 +16,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from index_format import close_inherited_locks, fsync_tree
 from model import load_image, preprocess_image
 from model.errors import ImageDecodeError
 
 from .gallery import Item, Text
-from .layout import close_inherited_locks, fsync_tree
 
 
 @dataclass

@@ -1,16 +1,11 @@
-"""Errors of the index builder and reader."""
+"""Errors of the index builder (``BuildError`` and ``IndexFormatError`` come from the index format)."""
 
 from __future__ import annotations
 
+from index_format import BuildError, IndexFormatError
 from model.errors import HATError
 
-
-class IndexFormatError(HATError, ValueError):
-    """An index directory is missing, incomplete, of another format version, or inconsistent."""
-
-
-class BuildError(HATError, RuntimeError):
-    """A build cannot go on: nothing to index, the output cannot be written, or another build holds the lock."""
+__all__ = ["BuildError", "GalleryError", "IndexFormatError"]
 
 
 class GalleryError(HATError, ValueError):

@@ -12,8 +12,18 @@ from pathlib import Path
 
 import numpy as np
 
-from .layout import FORMAT_VERSION, INDEX_FORMAT, SEGMENT_FORMAT, IndexRoot, new_name, write_json
-from .store import PCACodebook, StoreSpec, train_codebooks, write_table
+from index_format import (
+    FORMAT_VERSION,
+    INDEX_FORMAT,
+    SEGMENT_FORMAT,
+    IndexRoot,
+    PCACodebook,
+    StoreSpec,
+    new_name,
+    train_codebooks,
+    write_json,
+    write_table,
+)
 
 logger = logging.getLogger(__name__)
 EXACT_LIMIT = 50_000  # galleries up to this many vectors get an exact (flat) FAISS index; IVF above

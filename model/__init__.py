@@ -12,6 +12,7 @@ Public API (see README "Python API"):
 from .alignment import hierarchical_similarity, scan_i2t, scan_t2i
 from .checkpoint import load_model, save_model
 from .config import HATConfig, SwinConfig, TextConfig
+from .devices import DeviceError, resolve_device
 from .errors import CheckpointError, HATError, ImageDecodeError, TokenizerError, UnsafeCheckpointError
 from .hat import HATModel
 from .preprocess import load_image, preprocess_image
@@ -19,6 +20,7 @@ from .tokenizer import HATTokenizer, TokenBatch
 
 __all__ = [
     "CheckpointError",
+    "DeviceError",
     "HATConfig",
     "HATError",
     "HATModel",
@@ -33,6 +35,7 @@ __all__ = [
     "load_image",
     "load_model",
     "preprocess_image",
+    "resolve_device",
     "save_model",
     "scan_i2t",
     "scan_t2i",

@@ -70,7 +70,7 @@ def read_authors_checkpoint(
             raise UnsafeCheckpointError(
                 f"{path} contains Python objects that need full unpickling, which can run arbitrary code. "
                 "If you trust this file, opt in with allow_unsafe_pickle=True (CLI: --allow-unsafe-pickle). "
-                f"Detail: {_unsafe_detail(exc)}"
+                f"Detail: {unpickling_detail(exc)}"
             ) from exc
         logger.warning("loading %s with full unpickling (allow_unsafe_pickle=True)", path)
         obj = _load_unsafe(path)
@@ -99,8 +99,9 @@ def _load_unsafe(path: Path) -> Any:
         raise CheckpointError(f"{path} could not be unpickled: {_first_line(exc)}") from exc
 
 
-def _unsafe_detail(exc: BaseException) -> str:
-    """The line of torch's weights-only error that names the offending object."""
+def unpickling_detail(exc: BaseException) -> str:
+    """The line of torch's weights-only refusal that names the offending object (else its first line): for
+    every reader of ``torch.load(weights_only=True)`` files (checkpoints here, training states in training)."""
     for line in str(exc).splitlines():
         if "Unsupported" in line or "global" in line.lower() or "Can only" in line:
             return line.strip()
@@ -108,7 +109,7 @@ def _unsafe_detail(exc: BaseException) -> str:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
+    text = [line.strip() for line in str(exc).splitlines() if line.strip()]
     return text[0] if text else type(exc).__name__
 
 

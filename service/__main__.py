@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import logging
 import sys
+import textwrap
 
-from .settings import Settings, SettingsError
+from .settings import Settings, SettingsError, settings_markdown, settings_rows
+
+USAGE = "usage: python -m service   (configured by HAT_* environment variables; see docs/service.md)"
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Serve, or with ``--help`` print the usage and the settings (``--settings-markdown``: as a Markdown table)."""
     args = sys.argv[1:] if argv is None else argv
     if args:  # no options: everything is configured by the environment
-        print("usage: python -m service   (configured by HAT_* environment variables; see docs/service.md)")
+        if args == ["--settings-markdown"]:
+            print(settings_markdown(), end="")
+            return 0
+        print(help_text() if args[0] in ("-h", "--help") else USAGE)
         return 0 if args[0] in ("-h", "--help") else 2
     try:
         settings = Settings.from_env()
@@ -26,6 +33,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, **server_options(settings))
     return 0
+
+
+def help_text() -> str:
+    """The usage line and every setting: variable, type, default, what it does (from ``service.Settings``)."""
+    lines = [USAGE, "", "Settings (an unset or empty variable means the default):"]
+    for name, kind, default, description in settings_rows():
+        lines.append(f"  {name}  ({kind}; default {default})".replace("`", ""))
+        lines += textwrap.wrap(description.replace("`", ""), 100, initial_indent=" " * 6, subsequent_indent=" " * 6)
+    return "\n".join(lines)
 
 
 # The request line and headers together may not exceed this; a longer head is answered 400 and the connection

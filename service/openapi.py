@@ -1,194 +1,34 @@
-"""What the OpenAPI schema (``GET /openapi.json``) promises: request bodies with the limits of the running
-settings, and every response each route can give, errors included.
+"""What the OpenAPI schema (``GET /openapi.json``) promises beyond what FastAPI derives from the routes: every
+response each route can give, errors included, and the request bodies, which the routes read through
+dependencies, generated from their models (service/schemas.py) with the limits of the running settings.
 
-The models here only document; the routes build their responses themselves. ``tests/service`` checks real
-responses against these schemas, and the fuzzing run (docs/reliability.md) checks every generated request's
-response against them, so a field added to a response without being added here fails the tests.
+The fuzzing run (tests/service/test_fuzz.py, docs/reliability.md) checks every generated request's response
+against this schema; tests/service/test_openapi_contract.py keeps its paths, statuses and fields from changing.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from collections.abc import Callable, Mapping
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi import FastAPI
+from pydantic import BaseModel
 
+from .errors import ErrorResponse
+from .schemas import RequestLimits
 from .settings import Settings
 
 IMAGE_MEDIA_TYPES = ("image/jpeg", "image/png", "image/webp", "image/gif", "image/bmp", "image/tiff")
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class ErrorDetail(_Strict):
-    field: str = Field(description="The field at fault (dotted path), or 'body'.")
-    message: str
-    type: str = Field(description="The validator's error type, e.g. 'missing', 'extra_forbidden'.")
-
-
-class ErrorInfo(_Strict):
-    code: str = Field(description="Stable machine-readable code, e.g. 'empty_query', 'payload_too_large'.")
-    message: str = Field(description="What is wrong, naming the field or limit.")
-    details: list[ErrorDetail] | None = Field(None, description="Every validation problem (validation errors only).")
-
-
-class ErrorResponse(_Strict):
-    error: ErrorInfo
-
-
-class NotReadyResponse(_Strict):
-    ready: Literal[False]
-    reason: str | None
-    error: ErrorInfo
-
-
-class ReadyResponse(_Strict):
-    ready: Literal[True]
-    index_version: str
-    model: str = Field(description="The loaded model's identity (a hash of its weights and configuration).")
-
-
-class HealthResponse(_Strict):
-    status: Literal["ok"]
-
-
-class Result(_Strict):
-    id: str = Field(description="Image id, or caption id for image -> captions.")
-    score: float = Field(description="The HAT score (or the first-stage score where no re-rank ran).")
-    first_stage_score: float = Field(description="The global-vector inner product from FAISS.")
-    rank: int = Field(ge=1)
-    image_url: str | None = Field(description="/images/<id>; null for a caption of a text-only corpus.")
-    image_id: str | None = Field(None, description="Captions only: the image the caption belongs to.")
-    text: str | None = Field(None, description="Captions only: the caption.")
-    metadata: dict[str, Any] | None
-
-
-class TextSearchResponse(_Strict):
-    results: list[Result]
-    timings_ms: dict[str, float] = Field(description="Milliseconds per stage: queue, encode, first_stage, "
-                                         "rerank, total.")
-    stage: Literal["rerank"]
-    index_version: str
-    query: str
-    k: int
-    candidates: int
-
-
-class ImageSearchResponse(_Strict):
-    results: list[Result]
-    timings_ms: dict[str, float]
-    stage: Literal["rerank", "first_stage_only"]
-    target: Literal["captions", "image"]
-    index_version: str
-    k: int
-    candidates: int
-
-
-class IndexInfo(_Strict):
-    version: str
-    images: int
-    captions: int
-    loaded_at: float
-    model_identity: str
-    refused_versions: dict[str, str]
-    manifest: dict[str, Any]
-
-
-class ReloadResponse(_Strict):
-    changed: bool
-    version: str | None
-    previous: str | None
-
-
-def _error(description: str) -> dict[str, Any]:
-    return {"description": description, "model": ErrorResponse}
-
-
-NOT_READY = {"description": "Not ready: the model or an index is not loaded (the message says why).",
-             "model": ErrorResponse}
-
-
-def responses(*statuses: int, ok: type[BaseModel] | None = None, **overrides: dict) -> dict[int | str, dict]:
-    """The ``responses=`` of a route: its 200 model and the listed error statuses."""
-    texts = {
-        400: "Malformed request: broken JSON or a bad Content-Length.",
-        403: "Missing or wrong X-Admin-Key.",
-        404: "No such thing (the message says what).",
-        409: "The request cannot be done in the current state (the message says why).",
-        413: "Body, upload or decoded image larger than the limits.",
-        415: "Wrong Content-Type, or an upload that is not a readable image.",
-        422: "A field is missing, unknown, of the wrong type or out of range (the message names it).",
-    }
-    out: dict[int | str, dict] = {}
-    if ok is not None:
-        out[200] = {"model": ok, "description": "Success."}
-    for status in statuses:
-        out[status] = NOT_READY if status == 503 else _error(texts[status])
-    out.update(overrides)
-    return out
-
-
-def _bounded_int(low: int, high: int, description: str) -> dict[str, Any]:
-    return {"anyOf": [{"type": "integer", "minimum": low, "maximum": high}, {"type": "null"}],
-            "description": description}
-
-
-def _request_body(media_type: str, title: str, required: list[str], properties: dict[str, Any]) -> dict[str, Any]:
-    """A required request body of one media type: a closed object schema (no properties beyond these)."""
-    schema = {
-        "type": "object",
-        "title": title,
-        "additionalProperties": False,
-        "required": required,
-        "properties": properties,
-    }
-    return {"required": True, "content": {media_type: {"schema": schema}}}
-
-
-def text_request_body(settings: Settings) -> dict[str, Any]:
-    """``POST /search/text``'s body, with the limits of these settings."""
-    return _request_body(
-        "application/json",
-        "TextSearchRequest",
-        ["query"],
-        {
-            "query": {
-                "type": "string",
-                "minLength": 1,
-                "maxLength": settings.max_query_chars,
-                "pattern": r"\S",
-                "description": "The caption to search for (not blank; HAT_MAX_QUERY_CHARS at most).",
-            },
-            "k": _bounded_int(1, settings.max_k, f"Results to return (default HAT_DEFAULT_K = {settings.default_k})."),
-            "candidates": _bounded_int(
-                1, settings.max_candidates,
-                f"First-stage candidates to re-rank, raised to k if smaller (default {settings.default_candidates}).",
-            ),
-        },
-    )
-
-
-def image_request_body(settings: Settings) -> dict[str, Any]:
-    """``POST /search/image``'s multipart form, with the limits of these settings."""
-    return _request_body(
-        "multipart/form-data",
-        "ImageSearchForm",
-        ["image"],
-        {
-            "image": {
-                "type": "string",
-                "format": "binary",
-                "description": f"The image file (JPEG, PNG, WebP, GIF, BMP, TIFF; at most {settings.max_upload_bytes} "
-                f"bytes and {settings.max_image_pixels} pixels).",
-            },
-            "k": {"type": "integer", "minimum": 1, "maximum": settings.max_k},
-            "candidates": {"type": "integer", "minimum": 1, "maximum": settings.max_candidates},
-            "target": {"type": "string", "enum": ["captions", "image"], "default": "captions"},
-        },
-    )
-
-
+ERROR_TEXTS = {
+    400: "Malformed request: broken JSON or a bad Content-Length.",
+    403: "Missing or wrong X-Admin-Key.",
+    404: "No such thing (the message says what).",
+    409: "The request cannot be done in the current state (the message says why).",
+    413: "Body, upload or decoded image larger than the limits.",
+    415: "Wrong Content-Type, or an upload that is not a readable image.",
+    422: "A field is missing, unknown, of the wrong type or out of range (the message names it).",
+    503: "Not ready: the model or an index is not loaded (the message says why).",
+}
 IMAGE_FILE_OK = {
     "description": "The gallery image file, as stored.",
     "content": {media: {"schema": {"type": "string", "format": "binary"}} for media in IMAGE_MEDIA_TYPES},
@@ -200,3 +40,36 @@ ADMIN_KEY_PARAMETER = {
     "schema": {"type": "string"},
     "description": "The key set with HAT_ADMIN_KEY (the route is off, 404, when none is set).",
 }
+# (path, method) -> (media type, limits -> the model of the body)
+RequestBodies = Mapping[tuple[str, str], tuple[str, Callable[[RequestLimits], type[BaseModel]]]]
+
+
+def responses(*statuses: int, ok: type[BaseModel] | None = None, **overrides: dict) -> dict[int | str, dict]:
+    """The ``responses=`` of a route: its 200 model and the listed error statuses."""
+    out: dict[int | str, dict] = {}
+    if ok is not None:
+        out[200] = {"model": ok, "description": "Success."}
+    for status in statuses:
+        out[status] = {"description": ERROR_TEXTS[status], "model": ErrorResponse}
+    out.update(overrides)
+    return out
+
+
+def request_body(media_type: str, model: type[BaseModel]) -> dict[str, Any]:
+    """A required request body of one media type, with the JSON schema of ``model``."""
+    return {"required": True, "content": {media_type: {"schema": model.model_json_schema()}}}
+
+
+def document_request_bodies(app: FastAPI, settings: Settings, bodies: RequestBodies) -> None:
+    """Make ``app.openapi()`` (FastAPI's schema, made once) describe the request body of each operation in
+    ``bodies`` with its model under the limits of ``settings``."""
+    limits = RequestLimits.of(settings)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = FastAPI.openapi(app)
+            for (path, method), (media_type, model_for) in bodies.items():
+                schema["paths"][path][method]["requestBody"] = request_body(media_type, model_for(limits))
+        return app.openapi_schema
+
+    app.openapi = openapi  # the documented way to change FastAPI's schema

@@ -7,6 +7,13 @@ card with an ``img``, a ``.score`` and, for captions, a ``.caption``.
 
 from __future__ import annotations
 
+# The headers of the page, its script and the gallery files: scripts from the service only, no framing.
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'unsafe-inline'; img-src 'self' "
+    "blob:; connect-src 'self'; form-action 'none'; base-uri 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+}
+
 PAGE_HTML = """<!doctype html>
 <html lang="en">
 <head>

@@ -11,29 +11,44 @@ import io
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, get_args
 from urllib.parse import quote
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from model import load_image, preprocess_image
-from model.errors import ImageDecodeError, TokenizerError
+from model import ImageDecodeError, TokenizerError, load_image, preprocess_image
 
 from .errors import ServiceError
-from .state import IndexState
+from .settings import RerankDtype, Settings
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+if TYPE_CHECKING:
+    from .state import IndexState
+
+DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in get_args(RerankDtype)}
 
 
 @dataclass(frozen=True)
 class SearchParams:
-    """A validated request: ``k`` results from ``candidates`` first-stage hits (``candidates >= k``)."""
+    """What one request asks for: ``k`` results from ``candidates`` first-stage hits (``candidates >= k``)."""
 
     k: int
     candidates: int
-    rerank_dtype: str = "float32"
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    """The server's choices, the same for every request (the engine holds them): the re-rank precision and the
+    largest image accepted, in pixels."""
+
+    rerank_dtype: torch.dtype
+    max_image_pixels: int
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> SearchOptions:
+        """The options of ``settings`` (``HAT_RERANK_DTYPE``, ``HAT_MAX_IMAGE_PIXELS``)."""
+        return cls(rerank_dtype=DTYPES[settings.rerank_dtype], max_image_pixels=settings.max_image_pixels)
 
 
 def image_url(image_id: str) -> str:
@@ -64,7 +79,7 @@ def _top(scores: torch.Tensor, k: int) -> np.ndarray:
     return order[:k]
 
 
-def search_text(model, state: IndexState, query: str, params: SearchParams) -> dict[str, Any]:
+def search_text(model, state: IndexState, query: str, params: SearchParams, options: SearchOptions) -> dict[str, Any]:
     """Text -> images: ``{"results", "timings_ms", ...}`` (see docs/service.md for the response shape)."""
     clock = _Clock()
     with torch.inference_mode():
@@ -79,9 +94,7 @@ def search_text(model, state: IndexState, query: str, params: SearchParams) -> d
     first, rows = first[0], rows[0]
     clock.lap("first_stage")
     with torch.inference_mode():
-        scores = state.index.rerank_images(
-            levels, int(lengths[0]), rows, DTYPES[params.rerank_dtype], device=model.device
-        )
+        scores = state.index.rerank_images(levels, int(lengths[0]), rows, options.rerank_dtype, device=model.device)
     best = _top(scores, params.k)
     clock.lap("rerank")
     with state.lock:
@@ -117,10 +130,12 @@ def decode_image(data: bytes, image_size: int, max_pixels: int) -> torch.Tensor:
     return preprocess_image(image, image_size)[None]
 
 
-def search_image(model, state: IndexState, data: bytes, target: str, params: SearchParams, max_pixels: int) -> dict:
+def search_image(
+    model, state: IndexState, data: bytes, target: str, params: SearchParams, options: SearchOptions
+) -> dict[str, Any]:
     """Image -> captions (HAT re-rank) or, with ``target="image"``, image -> images by global vector only."""
     clock = _Clock()
-    pixels = decode_image(data, model.config.image.image_size, max_pixels)
+    pixels = decode_image(data, model.config.image.image_size, options.max_image_pixels)
     clock.lap("decode")
     with torch.inference_mode():
         levels = model.encode_images(pixels.to(model.device))
@@ -133,7 +148,7 @@ def search_image(model, state: IndexState, data: bytes, target: str, params: Sea
     first, rows = first[0], rows[0]
     clock.lap("first_stage")
     with torch.inference_mode():
-        scores = state.index.rerank_captions(levels, rows, DTYPES[params.rerank_dtype], device=model.device)
+        scores = state.index.rerank_captions(levels, rows, options.rerank_dtype, device=model.device)
     best = _top(scores, params.k)
     clock.lap("rerank")
     with state.lock:

@@ -1,81 +1,150 @@
-"""Service settings: one dataclass, read from ``HAT_*`` environment variables by :meth:`Settings.from_env`.
+"""Service settings: one pydantic-settings model, read from ``HAT_*`` environment variables by
+:meth:`Settings.from_env`.
 
-Every value is checked when the settings are built; a bad value raises :class:`SettingsError` naming the
-variable, so ``python -m service`` stops at start-up with a clear message instead of failing on a request.
+Each setting is declared once: its type, limits, default and description are the field's. The environment
+variable is ``HAT_`` + the field name in capitals. Every value is checked when the settings are built; a bad
+value raises :class:`SettingsError` naming the variable, so ``python -m service`` stops at start-up with a clear
+message instead of failing on a request. :func:`settings_rows` is the table of them, printed by
+``python -m service --help`` and copied into docs/service.md (a test keeps the two equal).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Annotated, Any, Literal, get_args, get_origin
+
+import annotated_types
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = str(REPO / "models" / "demo")
-DEVICES = ("cpu", "cuda", "auto")
-RERANK_DTYPES = ("float32", "bfloat16", "float16")
+Device = Literal["cpu", "cuda", "auto"]
+RerankDtype = Literal["float32", "bfloat16", "float16"]  # the torch dtypes of these names (service/search.py)
+LogLevel = Literal["debug", "info", "warning", "error"]
+ENV_PREFIX = "HAT_"
 
 
 class SettingsError(ValueError):
     """An environment variable (or a ``Settings`` field) holds a value the service cannot use."""
 
 
-@dataclass(frozen=True)
-class Settings:
-    """Configuration of the search service (environment variable in brackets).
+class Settings(BaseSettings):
+    """Configuration of the search service.
 
-    Attributes:
-        index_root: builder output root [HAT_INDEX_ROOT]; the service is not ready while it is unset.
-        model: anything ``model.load_model`` accepts [HAT_MODEL]; default the bundled ``models/demo``.
-        host, port: where ``python -m service`` listens [HAT_HOST, HAT_PORT].
-        admin_key: enables ``POST /admin/reload`` when set [HAT_ADMIN_KEY].
-        device: ``cpu``, ``cuda`` or ``auto`` [HAT_DEVICE].
-        default_k, max_k: results per query [HAT_DEFAULT_K, HAT_MAX_K].
-        default_candidates, max_candidates: first-stage candidates re-ranked [HAT_DEFAULT_CANDIDATES, ...].
-        max_upload_bytes: largest accepted image upload [HAT_MAX_UPLOAD_BYTES].
-        max_image_pixels: largest accepted image, in pixels, read from its header [HAT_MAX_IMAGE_PIXELS].
-        max_query_chars: longest accepted text query [HAT_MAX_QUERY_CHARS].
-        cors_origins: origins allowed by CORS; empty = no CORS headers at all [HAT_CORS_ORIGINS, comma list].
-        threads: torch intra-op threads; None = CPU cores // workers [HAT_THREADS].
-        workers: searches computed at the same time; the others wait their turn [HAT_WORKERS].
-        reload_interval: seconds between checks of the index's ``current`` pointer; 0 = off [HAT_RELOAD_INTERVAL].
-        reload_grace: seconds an index replaced by a reload stays open for requests still using it
-            [HAT_RELOAD_GRACE].
-        rerank_dtype: precision of the re-rank: ``float32``, ``bfloat16`` or ``float16`` [HAT_RERANK_DTYPE].
-        log_level: ``debug``, ``info``, ``warning`` or ``error`` [HAT_LOG_LEVEL].
+    ``Settings(**values)`` takes the values given and the defaults for the others; it never reads the
+    environment (so tests and embedding code get exactly what they ask for). :meth:`from_env` reads the
+    ``HAT_*`` variables. Instances are immutable.
     """
 
-    index_root: str | None = None
-    model: str = DEFAULT_MODEL
-    host: str = "127.0.0.1"
-    port: int = 8000
-    admin_key: str | None = field(default=None, repr=False)
-    device: str = "cpu"
-    default_k: int = 10
-    max_k: int = 100
-    default_candidates: int = 100
-    max_candidates: int = 1000
-    max_upload_bytes: int = 10 * 1024 * 1024
-    max_image_pixels: int = 89_478_485
-    max_query_chars: int = 1000
-    cors_origins: tuple[str, ...] = ()
-    threads: int | None = None
-    workers: int = 2
-    reload_interval: float = 2.0
-    reload_grace: float = 10.0
-    rerank_dtype: str = "float32"
-    log_level: str = "info"
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_ignore_empty=True, frozen=True, extra="forbid")
 
-    def __post_init__(self) -> None:
-        self._check_ranges()
-        if self.device not in DEVICES:
-            raise SettingsError(f"HAT_DEVICE must be one of {', '.join(DEVICES)}, got {self.device!r}")
-        if self.rerank_dtype not in RERANK_DTYPES:
-            allowed = ", ".join(RERANK_DTYPES)
-            raise SettingsError(f"HAT_RERANK_DTYPE must be one of {allowed}, got {self.rerank_dtype!r}")
-        if self.log_level not in ("debug", "info", "warning", "error"):
-            raise SettingsError(f"HAT_LOG_LEVEL must be debug, info, warning or error, got {self.log_level!r}")
+    index_root: str | None = Field(
+        None,
+        description="The builder's output root (`current`, `versions/`, `segments/`); a single version directory "
+        "also works (then no hot reload). Unset: alive but never ready.",
+    )
+    model: str = Field(
+        DEFAULT_MODEL,
+        description="Anything `model.load_model` accepts (the authors' `.ckpt` or a project model directory).",
+    )
+    host: str = Field("127.0.0.1", description="The address `python -m service` listens on.")
+    port: int = Field(8000, ge=0, le=65535, description="The port `python -m service` listens on.")
+    admin_key: str | None = Field(
+        None,
+        repr=False,
+        description="Enables `POST /admin/reload` (header `X-Admin-Key`); unset or empty turns it off (404). "
+        "Kept exactly as given, spaces included.",
+    )
+    device: Device = Field(
+        "cpu", description="Where the model runs; `auto` = CUDA when present. `cuda` without CUDA stops the start-up."
+    )
+    default_k: int = Field(10, ge=1, description="Results per search when the request gives no `k`.")
+    max_k: int = Field(100, ge=1, description="The largest `k` a request may ask for.")
+    default_candidates: int = Field(
+        100, ge=1, description="FAISS candidates re-ranked per search when the request gives no `candidates`."
+    )
+    max_candidates: int = Field(1000, ge=1, description="The largest `candidates` a request may ask for.")
+    max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1, description="The largest image upload, in bytes (10 MiB).")
+    max_image_pixels: int = Field(
+        89_478_485,
+        ge=1,
+        description="The largest image in pixels, read from its header before decoding (decompression bombs). "
+        "Pillow refuses images above twice its own limit (~179 Mpixel) whatever this says.",
+    )
+    max_query_chars: int = Field(1000, ge=1, description="The longest text query, in characters.")
+    cors_origins: Annotated[tuple[str, ...], NoDecode] = Field(
+        (),
+        description="Comma-separated origins allowed by CORS (`GET`, `POST`, header `Content-Type`); "
+        "empty = no CORS headers at all.",
+    )
+    threads: int | None = Field(
+        None,
+        ge=1,
+        description="Torch intra-op threads; unset = CPU cores ÷ `HAT_WORKERS` (more oversubscribes the cores: "
+        "measured ~0.8 s a query instead of ~25 ms next to a busy process).",
+    )
+    workers: int = Field(
+        2, ge=1, description="Searches computed at the same time (worker threads); more requests wait their turn."
+    )
+    reload_interval: float = Field(
+        2.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="Seconds between checks of the index root's `current`; `0` = no polling "
+        "(`POST /admin/reload` still works).",
+    )
+    reload_grace: float = Field(
+        10.0, ge=0, allow_inf_nan=False, description="Seconds a replaced index stays open for the requests using it."
+    )
+    rerank_dtype: RerankDtype = Field(
+        "float32",
+        description="Precision of the re-rank matrix products. `bfloat16` is faster on CPU (re-rank figures in "
+        "`docs/benchmarks.md`) and agrees with `float32` within 3e-2 in the tests.",
+    )
+    log_level: LogLevel = Field("info", description="Log level of the service and of uvicorn.")
+
+    def __init__(self, **values: Any) -> None:
+        """Checks every value; raises :class:`SettingsError` naming the variable of the first bad one."""
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            raise SettingsError(_describe(exc)) from None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """The constructor's values only: the environment is read by :meth:`from_env`, never implicitly."""
+        return (init_settings,)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Settings from ``HAT_*`` variables (``os.environ`` by default); unset or blank = the default."""
+        return cls(**_EnvironSource(cls, os.environ if environ is None else environ)())
+
+    @field_validator("device", "rerank_dtype", "log_level", mode="before")
+    @classmethod
+    def _lower_case(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _comma_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(origin.strip() for origin in value.split(",") if origin.strip())
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
         if self.default_k > self.max_k:
             raise SettingsError(f"HAT_DEFAULT_K ({self.default_k}) is above HAT_MAX_K ({self.max_k})")
         if self.default_candidates > self.max_candidates:
@@ -87,96 +156,119 @@ class Settings:
             raise SettingsError(f"HAT_MAX_K ({self.max_k}) is above HAT_MAX_CANDIDATES ({self.max_candidates})")
         if self.admin_key is not None and not self.admin_key.strip():
             raise SettingsError("admin_key is empty; use None to turn the admin endpoints off")
-
-    def _check_ranges(self) -> None:
-        minimum = {
-            "port": 0,
-            "default_k": 1,
-            "max_k": 1,
-            "default_candidates": 1,
-            "max_candidates": 1,
-            "max_upload_bytes": 1,
-            "max_image_pixels": 1,
-            "max_query_chars": 1,
-            "threads": 1,
-            "workers": 1,
-            "reload_interval": 0,
-            "reload_grace": 0,
-        }
-        for name, low in minimum.items():
-            value = getattr(self, name)
-            if value is not None and value < low:
-                raise SettingsError(f"{env_name(name)} must be at least {low}, got {value}")
-        if self.port > 65535:
-            raise SettingsError(f"HAT_PORT must be at most 65535, got {self.port}")
+        return self
 
     @property
     def admin_enabled(self) -> bool:
+        """Whether ``POST /admin/reload`` is on (a key is set)."""
         return self.admin_key is not None
 
     def resolved_device(self) -> str:
-        """``cpu`` or ``cuda``; ``auto`` picks CUDA when present. Raises ``SettingsError`` for absent CUDA."""
-        import torch
+        """``cpu`` or ``cuda`` (``model.resolve_device``); raises ``SettingsError`` for CUDA on a machine without."""
+        from model import DeviceError, resolve_device
 
-        if self.device == "auto":
-            return "cuda" if torch.cuda.is_available() else "cpu"
-        if self.device == "cuda" and not torch.cuda.is_available():
-            raise SettingsError("HAT_DEVICE is 'cuda' but CUDA is not available on this machine (use cpu or auto)")
-        return self.device
+        try:
+            return resolve_device(self.device)
+        except DeviceError as exc:
+            raise SettingsError(f"HAT_DEVICE={self.device}: {exc}") from None
 
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
-        """Settings from ``HAT_*`` variables (``os.environ`` by default); unset or empty = the default."""
-        environ = os.environ if environ is None else environ
-        values = {}
-        for f in fields(cls):
-            raw = environ.get(env_name(f.name))
-            if raw is None or not raw.strip():
-                continue  # unset and empty mean the same (compose files often pass empty variables)
-            values[f.name] = _parse(f.name, raw)
-        return cls(**values)
+
+class _EnvironSource(EnvSettingsSource):
+    """pydantic-settings' environment source (``HAT_`` prefix, names in any case) over a given mapping.
+
+    Blank values are left out: unset and empty mean the same (compose files often pass empty variables). The
+    others are stripped of outer whitespace, but for the admin key, kept exactly (its spaces are part of it).
+    """
+
+    def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str]) -> None:
+        super().__init__(settings_cls, case_sensitive=False)
+        keep_spaces = env_name("admin_key")
+        self.env_vars = {
+            name.lower(): raw if name.upper() == keep_spaces else raw.strip()
+            for name, raw in environ.items()
+            if name.upper().startswith(ENV_PREFIX) and raw.strip()
+        }
 
 
 def env_name(field_name: str) -> str:
     """``max_k`` -> ``HAT_MAX_K``."""
-    return f"HAT_{field_name.upper()}"
+    return f"{ENV_PREFIX}{field_name.upper()}"
 
 
-_INTS = {
-    "port",
-    "default_k",
-    "max_k",
-    "default_candidates",
-    "max_candidates",
-    "max_upload_bytes",
-    "max_image_pixels",
-    "max_query_chars",
-    "threads",
-    "workers",
-}
-_FLOATS = {"reload_interval", "reload_grace"}
-_LOWER = {"device", "rerank_dtype", "log_level"}
+def _describe(exc: ValidationError) -> str:
+    """The problems of ``exc``, each naming its environment variable (``; `` between them)."""
+    messages = []
+    for err in exc.errors(include_url=False):
+        name = env_name(str(err["loc"][0])) if err["loc"] else "settings"
+        got, ctx = err.get("input"), err.get("ctx") or {}
+        kind = err["type"]
+        if isinstance(ctx.get("error"), SettingsError):
+            message = str(ctx["error"])
+        elif kind == "int_parsing":
+            message = f"{name} must be an integer, got {got!r}"
+        elif kind == "float_parsing":
+            message = f"{name} must be a number of seconds, got {got!r}"
+        elif kind == "finite_number":
+            message = f"{name} must be a finite number of seconds, got {got!r}"
+        elif kind in ("greater_than_equal", "less_than_equal"):
+            bound = f"at least {ctx['ge']}" if kind == "greater_than_equal" else f"at most {ctx['le']}"
+            message = f"{name} must be {bound}, got {got}"
+        elif kind == "literal_error":
+            message = f"{name} must be one of {ctx['expected']}, got {got!r}"
+        elif kind == "extra_forbidden":
+            message = f"{name}: no such setting"
+        else:
+            message = f"{name}: {err['msg']}"
+        messages.append(message)
+    return "; ".join(messages)
 
 
-def _parse(name: str, raw: str):
-    value = raw.strip()
-    if name in _INTS:
-        try:
-            return int(value.replace("_", ""))
-        except ValueError:
-            raise SettingsError(f"{env_name(name)} must be an integer, got {raw!r}") from None
-    if name in _FLOATS:
-        try:
-            number = float(value)
-        except ValueError:
-            raise SettingsError(f"{env_name(name)} must be a number of seconds, got {raw!r}") from None
-        if number != number or number in (float("inf"), float("-inf")):
-            raise SettingsError(f"{env_name(name)} must be a finite number of seconds, got {raw!r}")
-        return number
-    if name == "cors_origins":
-        return tuple(o.strip() for o in value.split(",") if o.strip())
-    if name in _LOWER:
-        return value.lower()
-    if name == "admin_key":
-        return raw  # kept exactly: a key's spaces are part of it
-    return value
+# ------------------------------------------------------------------------------------------------ the table
+
+
+def _type_text(field: FieldInfo) -> str:
+    """What a variable holds, in words: ``integer 0–65535``, ``one of `cpu`, `cuda`, `auto```."""
+    annotation = field.annotation
+    if get_origin(annotation) is Literal:
+        return "one of " + ", ".join(f"`{choice}`" for choice in get_args(annotation))
+    if NoDecode in field.metadata:
+        return "comma-separated list"
+    base = {int: "integer", float: "number"}.get(next((t for t in (int, float) if t in _members(annotation)), None))
+    if base is None:
+        return "string"
+    low = next((m.ge for m in field.metadata if isinstance(m, annotated_types.Ge)), None)
+    high = next((m.le for m in field.metadata if isinstance(m, annotated_types.Le)), None)
+    if low is not None and high is not None:
+        return f"{base} {low}–{high}"
+    return f"{base} ≥ {low}" if low is not None else base
+
+
+def _members(annotation: Any) -> tuple[Any, ...]:
+    return get_args(annotation) or (annotation,)
+
+
+def _default_text(value: Any) -> str:
+    if value is None:
+        return "unset"
+    if value == ():
+        return "empty"
+    if isinstance(value, str) and value.startswith(str(REPO) + os.sep):
+        return f"`{Path(value).relative_to(REPO)}` of the repository"
+    return f"`{value}`"
+
+
+def settings_rows() -> list[tuple[str, str, str, str]]:
+    """``(variable, type, default, description)`` of every setting, in declaration order."""
+    return [
+        (env_name(name), _type_text(field), _default_text(field.default), field.description or "")
+        for name, field in Settings.model_fields.items()
+    ]
+
+
+def settings_markdown() -> str:
+    """The settings table in Markdown (docs/service.md holds a copy; ``python -m service --settings-markdown``)."""
+    lines = ["| variable | type | default | description |", "|---|---|---|---|"]
+    for row in settings_rows():
+        cells = [cell.replace("|", "\\|") for cell in row]
+        lines.append(f"| `{cells[0]}` | {cells[1]} | {cells[2]} | {cells[3]} |")
+    return "\n".join(lines) + "\n"

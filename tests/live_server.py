@@ -49,6 +49,20 @@ class LiveServer:
     def client(self, **kwargs) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=kwargs.pop("timeout", 60), **kwargs)
 
+    @property
+    def address(self) -> tuple[str, int]:
+        return self.sock.getsockname()[:2]
+
+    def raw(self, request: bytes, *, until: bytes | None = None, timeout: float = 10) -> bytes:
+        """Sends ``request`` as it is over a new socket (for what httpx will not send) and returns what comes
+        back until the server closes the connection, or until ``until`` has arrived."""
+        received = b""
+        with socket.create_connection(self.address, timeout=timeout) as sock:
+            sock.sendall(request)
+            while (until is None or until not in received) and (chunk := sock.recv(65536)):
+                received += chunk
+        return received
+
     def wait_ready(self, timeout: float = 60) -> dict:
         return wait_ready(self.url, timeout)
 

@@ -13,7 +13,7 @@ from builder_helpers import write_bad_files
 @pytest.fixture(scope="session")
 def world(tmp_path_factory) -> Path:
     """24 generated scenes with five captions each, plus ``manifest.jsonl`` in the builder's format."""
-    from model.synthetic import main as synth
+    from training.synthetic import main as synth
 
     out = tmp_path_factory.mktemp("world")
     synth(["--out", str(out), "--seed", "3", "--train", "0", "--val", "0", "--test", "24"])

@@ -248,7 +248,7 @@ def _lock_held(root: Path) -> bool:
 def test_kill_9_at_random_points_live_index_serves_and_resume_equals_uninterrupted(
     tmp_path, stress_full, report_figures
 ):
-    from model.synthetic import main as synth
+    from training.synthetic import main as synth
 
     wall = time.monotonic()
     size = SIZES["full" if stress_full else "short"]
@@ -404,7 +404,7 @@ def test_next_build_removes_what_a_killed_run_left(world, tmp_path):
 
 _HOLDER = """
 import multiprocessing, sys, time
-from index_builder.layout import IndexRoot, close_inherited_locks
+from index_format import IndexRoot, close_inherited_locks
 
 def worker(close):
     if close:

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from model import load_model
-from model.data import read_karpathy
-from model.evaluate import encode_split, evaluate_encoded
-from model.synthetic import main as synthetic_main
+from training.data import read_karpathy
+from training.evaluate import encode_split, evaluate_encoded
+from training.synthetic import main as synthetic_main
 
 DEMO = Path(__file__).resolve().parents[2] / "models" / "demo"
 

@@ -23,12 +23,11 @@ import numpy as np
 import pytest
 import torch
 
-from index_builder.errors import IndexFormatError
-from index_builder.reader import open_index
+from index_format import IndexFormatError, open_index
 from model import CheckpointError, HATError, UnsafeCheckpointError, load_model
 from model.convert import main as convert_main
-from model.synthetic import main as synthetic_main
-from model.train import TrainConfig, build_model, train
+from training import TrainConfig, build_model, train
+from training.synthetic import main as synthetic_main
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO_MODEL = REPO / "models" / "demo"
@@ -268,7 +267,8 @@ def test_no_loader_unpickles_except_the_explicit_opt_in():
     """``torch.load`` always with ``weights_only=True`` (but in the documented opt-in), never ``pickle.load``,
     never ``np.load(allow_pickle=True)``, in the packages that read users' files."""
     problems, torch_loads, np_loads = [], 0, 0
-    for path in sorted(p for d in ("model", "index_builder", "service") for p in (REPO / d).rglob("*.py")):
+    packages = ("model", "training", "index_format", "index_builder", "service")
+    for path in sorted(p for d in packages for p in (REPO / d).rglob("*.py")):
         rel = path.relative_to(REPO).as_posix()
         tree = ast.parse(path.read_text(), filename=rel)
         for name, call, function in _calls(tree):

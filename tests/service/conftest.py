@@ -48,7 +48,7 @@ def world(tmp_path_factory) -> dict:
     """The generated world (44 test images, 5 captions each) and JSONL manifests for the builder."""
     out = tmp_path_factory.mktemp("world")
     subprocess.run(
-        [sys.executable, "-m", "model.synthetic", "--out", str(out), "--seed", "0",
+        [sys.executable, "-m", "training.synthetic", "--out", str(out), "--seed", "0",
          "--train", "0", "--val", "0", "--test", str(WORLD_IMAGES)],
         cwd=REPO, check=True, capture_output=True, timeout=120,
     )  # fmt: skip

@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import io
 import json
-import socket
 
 import httpx
 import pytest
 from PIL import Image
 
-from service.app import get_settings
+from service.dependencies import get_settings
 from service.settings import Settings
 
 
@@ -164,13 +163,8 @@ def test_oversized_json_body_is_413(client):
 
 def test_bad_content_length_is_400(server):
     """A malformed Content-Length (sent over a raw socket: httpx refuses to send one) is a 400."""
-    host, port = server.url.removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port)), timeout=10) as sock:
-        sock.sendall(b"POST /search/text HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: 12abc\r\nConnection: close\r\n\r\n{}")  # fmt: skip
-        reply = b""
-        while chunk := sock.recv(65536):
-            reply += chunk
+    reply = server.raw(b"POST /search/text HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                       b"Content-Length: 12abc\r\nConnection: close\r\n\r\n{}")  # fmt: skip
     assert reply.startswith(b"HTTP/1.1 400")
 
 

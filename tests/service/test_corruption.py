@@ -4,7 +4,7 @@ The reliability issue's four kinds of corruption (plus a truncated row table, a 
 a truncated feature store, a manifest of an unknown format version, an index built by another model (model
 identity mismatch), and a missing FAISS file. Each broken version is made the way a real one could end up on
 disk: a good version is copied under ``versions/`` to a new name, the copy is broken, and ``current`` is moved
-to it atomically, as ``index_builder.layout.IndexRoot.publish`` does (a new symlink renamed over the old one).
+to it atomically, as ``index_format.IndexRoot.publish`` does (a new symlink renamed over the old one).
 
 Part one: a server on a good version is shown each broken version; it must keep answering from the good one,
 list the refused version in ``/index`` with a reason naming the problem, and log that reason. Part two: a

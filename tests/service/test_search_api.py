@@ -128,7 +128,7 @@ def test_unknown_image_ids_are_404(client, path):
 
 
 def test_only_regular_files_are_served(tmp_path):
-    from service.app import _regular_file
+    from service.routers.gallery import _regular_file
 
     f = tmp_path / "a.png"
     f.write_bytes(b"x")

@@ -38,11 +38,6 @@ REPO = Path(__file__).resolve().parents[2]
 PASSWD = Path("/etc/passwd")
 
 
-def _address(server) -> tuple[str, int]:
-    host, port = server.url.removeprefix("http://").split(":")
-    return host, int(port)
-
-
 def _read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
     """One HTTP/1.1 response from ``sock``: (status, headers in lower case, body)."""
     data = b""
@@ -69,7 +64,7 @@ def _read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
 
 def _raw_get(server, target: bytes) -> tuple[int, dict[str, str], bytes]:
     """``GET target`` sent byte for byte (no client normalises the path)."""
-    with socket.create_connection(_address(server), timeout=10) as sock:
+    with socket.create_connection(server.address, timeout=10) as sock:
         sock.sendall(b"GET " + target + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         return _read_response(sock)
 
@@ -119,7 +114,7 @@ def _still_healthy(client: httpx.Client) -> None:
 )
 def test_huge_declared_length_is_refused_before_the_body_is_read(server, path, content_type, says):
     """1 GB declared, 4 kB sent: a 413 arrives at once, and the connection is closed, without the rest."""
-    with socket.create_connection(_address(server), timeout=5) as sock:
+    with socket.create_connection(server.address, timeout=5) as sock:
         start = time.monotonic()
         sock.sendall(
             f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\nContent-Length: 1000000000\r\n\r\n"
@@ -146,7 +141,7 @@ def test_huge_declared_length_is_refused_before_the_body_is_read(server, path, c
 def test_huge_declared_length_is_refused_even_when_not_ready(start_server, tmp_path):
     """The limit comes before everything else: a server with nothing to search refuses the same way."""
     live = start_server(index_root=str(tmp_path / "empty"), max_upload_bytes=1000)
-    with socket.create_connection(_address(live), timeout=5) as sock:
+    with socket.create_connection(live.address, timeout=5) as sock:
         sock.sendall(b"POST /search/image HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
                      b"Content-Length: 1000000000\r\n\r\n" + bytes(2048))  # fmt: skip
         status, _, body = _read_response(sock)
@@ -330,7 +325,7 @@ def test_admin_key_is_decided_by_compare_digest(server, client, monkeypatch):
         calls.append((given, expected))
         return real(given, expected)
 
-    monkeypatch.setattr("service.app.hmac.compare_digest", spy)
+    monkeypatch.setattr("service.routers.admin.hmac.compare_digest", spy)
     _json_error(client.post("/admin/reload", headers={"X-Admin-Key": "wrong-key"}), 403, "forbidden")
     r = client.post("/admin/reload", headers={"X-Admin-Key": "test-key"})
     assert r.status_code == 200 and r.json()["changed"] is False, r.text
@@ -338,14 +333,14 @@ def test_admin_key_is_decided_by_compare_digest(server, client, monkeypatch):
     assert calls == [(b"wrong-key", b"test-key"), (b"test-key", b"test-key"), (b"", b"test-key")]
 
     # compare_digest's answer is what decides: inverted, the right key is refused and a wrong one accepted.
-    monkeypatch.setattr("service.app.hmac.compare_digest", lambda given, expected: not real(given, expected))
+    monkeypatch.setattr("service.routers.admin.hmac.compare_digest", lambda given, expected: not real(given, expected))
     _json_error(client.post("/admin/reload", headers={"X-Admin-Key": "test-key"}), 403, "forbidden")
     assert client.post("/admin/reload", headers={"X-Admin-Key": "nope"}).status_code == 200
 
 
 def test_admin_key_comparison_is_not_written_with_equality():
-    """No ``==`` / ``!=`` / ``in`` comparison in service/app.py involves the admin key (timing leaks)."""
-    tree = ast.parse((REPO / "service" / "app.py").read_text())
+    """No ``==`` / ``!=`` / ``in`` comparison in service/routers/admin.py involves the admin key (timing leaks)."""
+    tree = ast.parse((REPO / "service" / "routers" / "admin.py").read_text())
     leaks = [
         ast.unparse(node)
         for node in ast.walk(tree)

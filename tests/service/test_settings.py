@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from service.settings import DEFAULT_MODEL, Settings, SettingsError
+from service.settings import DEFAULT_MODEL, Settings, SettingsError, settings_markdown, settings_rows
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -96,3 +96,27 @@ def test_cli_refuses_invalid_environment_at_start():
     )
     assert proc.returncode == 2
     assert "HAT_MAX_K must be an integer" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_only_from_env_reads_the_environment(monkeypatch):
+    monkeypatch.setenv("HAT_PORT", "9999")
+    assert Settings().port == 8000 and Settings.from_env().port == 9999
+
+
+def test_docs_hold_the_generated_settings_table():
+    """docs/service.md's table is the one generated from the model (python -m service --settings-markdown)."""
+    text = (REPO / "docs" / "service.md").read_text()
+    start = text.index("| variable | type | default | description |")
+    end = text.index("<!-- end of the settings table -->")
+    assert text[start:end] == settings_markdown(), "regenerate it: python -m service --settings-markdown"
+    assert [row[0] for row in settings_rows()] == [f"HAT_{name.upper()}" for name in Settings.model_fields]
+
+
+def test_cli_help_lists_every_setting():
+    proc = subprocess.run(
+        [sys.executable, "-m", "service", "--help"], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: python -m service")
+    for name, kind, _, _ in settings_rows():
+        assert f"  {name}  ({kind.replace('`', '')}; default " in proc.stdout
+    assert "HAT_PORT  (integer 0–65535; default 8000)" in proc.stdout

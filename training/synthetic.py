@@ -5,7 +5,7 @@ from different templates, synonyms and word orders, with spatial relations state
 of the scenes have a "twin" right after them that differs only in which colour goes with which shape, or in
 which object is where, so that the gallery holds near-duplicates that a bag of words cannot tell apart.
 
-    python -m model.synthetic --out DIR --seed N [--train N --val N --test N] [--size PX]
+    python -m training.synthetic --out DIR --seed N [--train N --val N --test N] [--size PX]
 
 writes ``DIR/dataset.json`` (Karpathy format: ``images[].filename/split/sentences[].raw``) and
 ``DIR/images/*.png``. Output is a pure function of the arguments (same seed, same bytes).
@@ -283,7 +283,7 @@ def world_from_arguments(args: argparse.Namespace) -> WorldSpec:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m model.synthetic", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m training.synthetic", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--seed", type=int, default=0)
     for split, count in SPLIT_DEFAULTS.items():

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.evaluate import format_table, ranks_i2t, ranks_t2i, recalls
-from model.losses import info_nce_loss, vse_hinge_loss
+from training.evaluate import format_table, ranks_i2t, ranks_t2i, recalls
+from training.losses import info_nce_loss, vse_hinge_loss
 
 
 def owner_of(n_images: int, per_image: int = 5) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """Retrieval evaluation: R@1/5/10 image->text and text->image, RSUM, per level, level sum and global vectors.
 
-    python -m model.evaluate --model PATH --dataset DIR/dataset.json --images DIR/images --split test \\
+    python -m training.evaluate --model PATH --dataset DIR/dataset.json --images DIR/images --split test \\
         [--protocol auto|1k|5fold|all] [--json OUT]
 
 Scores are exhaustive: every image against every caption with the model's scorer (direction as configured).
@@ -25,9 +25,10 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from .alignment import scan
+from model.alignment import scan
+from model.errors import HATError
+
 from .data import EvalTransform, ImageDataset, caption_table, read_karpathy
-from .errors import HATError
 
 logger = logging.getLogger(__name__)
 KS = (1, 5, 10)
@@ -76,7 +77,7 @@ def encode_split(
 ) -> Encoded:
     """Encode every image (eval transform) and caption of ``entries`` with ``model``.
 
-    ``text_cache`` (a ``model.train.TextCache`` of these captions) replaces running a frozen text encoder.
+    ``text_cache`` (a ``training.train.TextCache`` of these captions) replaces running a frozen text encoder.
     ``global_head=False`` makes the first-stage vectors the head-less fallback (the authors' checkpoints').
     """
     device = model.device
@@ -195,9 +196,9 @@ def format_table(results: dict, title: str = "") -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .checkpoint import load_model
+    from model.checkpoint import load_model
 
-    parser = argparse.ArgumentParser(prog="python -m model.evaluate", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True)
     parser.add_argument("--dataset", required=True, type=Path)
     parser.add_argument("--images", required=True, type=Path)

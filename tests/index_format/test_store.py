@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from index_builder.store import StoreSpec, Table, allocate_bits, train_codebooks, write_table
+from index_format.store import StoreSpec, Table, allocate_bits, train_codebooks, write_table
 from model.alignment import hierarchical_similarity
 
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from .errors import HATError
-from .preprocess import IMAGENET_MEAN, IMAGENET_STD, load_image, preprocess_image
+from model.errors import HATError
+from model.preprocess import IMAGENET_MEAN, IMAGENET_STD, load_image, preprocess_image
 
 SPLIT_ALIASES = {"train": ("train", "restval"), "val": ("val",), "test": ("test",)}
 

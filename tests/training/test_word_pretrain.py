@@ -1,14 +1,15 @@
 """The image encoder's n-gram warm-up: targets from captions, a training loop that learns them, and its place
-in ``model.train`` (runs once, before HAT's epochs; a resumed run does not repeat it)."""
+in ``training.train`` (runs once, before HAT's epochs; a resumed run does not repeat it)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from model.synthetic import main as synthetic_main
-from model.train import TrainConfig, _epoch_loader, _read_resume_state, build_model, train
-from model.word_pretrain import caption_ngrams, ngram_targets, pretrain_image_encoder
+from training import TrainConfig, build_model, train
+from training.loop import _epoch_loader, _read_resume_state
+from training.synthetic import main as synthetic_main
+from training.word_pretrain import caption_ngrams, ngram_targets, pretrain_image_encoder
 
 
 def test_caption_ngrams_are_lowercased_words_and_adjacent_pairs():
@@ -55,8 +56,8 @@ def world(tmp_path_factory):
 @pytest.mark.slow
 def test_pretraining_learns_the_targets_and_leaves_no_head(world, tiny_minilm_config):
     """On 16 images the warm-up must get below the best image-blind loss (each n-gram's base rate)."""
-    from model.data import read_karpathy
-    from model.train import PreloadedImages
+    from training.data import read_karpathy
+    from training.loop import PreloadedImages
 
     torch.manual_seed(0)
     cfg = TrainConfig(batch_size=16, model=tiny_minilm_config.to_dict(), augment=False)

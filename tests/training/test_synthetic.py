@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from model.data import DatasetError, caption_table, pick_captions, read_karpathy
-from model.synthetic import COLOURS, Thing, captions, main, relation, twin
+from training.data import DatasetError, caption_table, pick_captions, read_karpathy
+from training.synthetic import COLOURS, Thing, captions, main, relation, twin
 
 
 def digest(folder):
@@ -92,7 +92,7 @@ def test_bad_dataset_files(tmp_path):
 
 
 def test_gallery_manifest_matches_dataset(tmp_path):
-    from model.synthetic import main
+    from training.synthetic import main
 
     main(["--out", str(tmp_path), "--seed", "5", "--train", "0", "--val", "2", "--test", "3"])
     data = json.loads((tmp_path / "dataset.json").read_text())
@@ -103,7 +103,7 @@ def test_gallery_manifest_matches_dataset(tmp_path):
 
 
 def test_iter_world_replays_the_generated_captions(world):
-    from model.synthetic import SPLIT_DEFAULTS, iter_world
+    from training.synthetic import SPLIT_DEFAULTS, iter_world
 
     data = json.loads((world / "dataset.json").read_text())
     splits = dict.fromkeys(SPLIT_DEFAULTS, 0) | {"train": 12, "val": 4, "test": 5}
@@ -113,7 +113,7 @@ def test_iter_world_replays_the_generated_captions(world):
 
 
 def test_world_spec_options(tmp_path):
-    from model.synthetic import WorldSpec, iter_world
+    from training.synthetic import WorldSpec, iter_world
 
     out = tmp_path / "w"
     argv = ["--out", str(out), "--seed", "1", "--train", "30", "--val", "0", "--test", "0"]

@@ -1,0 +1,186 @@
+"""The request and response bodies of the HTTP API as pydantic models, each shape written once: the routes
+validate requests and build responses with them, and the OpenAPI schema (``GET /openapi.json``) is generated
+from them (the error bodies are in service/errors.py).
+
+A request body's limits (``HAT_MAX_QUERY_CHARS``, ``HAT_MAX_K``, ...) are constraints of its model, so the
+request models are made per set of limits (:class:`RequestLimits`): :func:`text_request_model` and
+:func:`image_form_model`, cached. The models carry no docstrings: pydantic would put them in the schema.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from typing import Annotated, Any, Literal, NamedTuple
+
+from pydantic import AfterValidator, BeforeValidator, Field, StrictInt, StrictStr
+from pydantic_core import PydanticCustomError
+
+from .errors import Closed, ErrorInfo
+from .settings import Settings
+
+Target = Literal["captions", "image"]
+
+
+class RequestLimits(NamedTuple):
+    """The settings that shape request bodies (a cache key of the request models)."""
+
+    max_query_chars: int
+    max_k: int
+    max_candidates: int
+    default_k: int
+    default_candidates: int
+    max_upload_bytes: int
+    max_image_pixels: int
+
+    @classmethod
+    def of(cls, settings: Settings) -> RequestLimits:
+        """The limits of ``settings``."""
+        return cls(**{name: getattr(settings, name) for name in cls._fields})
+
+
+# ------------------------------------------------------------------------------------------------ requests
+
+
+def _json_integer(value: Any) -> Any:
+    """JSON Schema's integers: ``3`` and ``3.0`` (a number with no fraction), never ``true``, ``"3"`` or ``3.5``."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+_FORM_INT = re.compile(r"-?[0-9]{1,30}")
+
+
+def _form_integer(value: Any) -> Any:
+    """A form field's text as an integer, written in ASCII digits as in JSON. Checked here because pydantic's own
+    parsing of strings also takes ``" 5"``, ``"1_0"``, ``"+5"`` and ``"٥"`` (and strict mode takes no string)."""
+    if not isinstance(value, str):
+        raise PydanticCustomError("form_file", "must be a plain form field, not a file")
+    if not _FORM_INT.fullmatch(value):
+        raise PydanticCustomError("int_parsing", "must be an integer, got {got}", {"got": repr(value[:40])})
+    return int(value)
+
+
+def _not_blank(query: str) -> str:
+    """The query with outer whitespace removed (Python's idea of whitespace, wider than the schema's ``\\S``)."""
+    text = query.strip()
+    if not text:
+        raise PydanticCustomError("empty_query", "query is empty")
+    return text
+
+
+FormInt = Annotated[int, BeforeValidator(_form_integer)]
+Query = Annotated[StrictStr, AfterValidator(_not_blank)]
+
+
+def _json_int(high: int) -> Any:
+    """A JSON integer in ``1..high`` (the bounds before the conversion, so that the schema states them)."""
+    return Annotated[StrictInt, Field(ge=1, le=high), BeforeValidator(_json_integer)]
+
+
+@functools.lru_cache(maxsize=16)
+def text_request_model(limits: RequestLimits) -> type[Closed]:
+    """The JSON body of ``POST /search/text`` under ``limits``; ``query`` comes out stripped."""
+
+    class TextSearchRequest(Closed):
+        query: Query = Field(
+            min_length=1,
+            max_length=limits.max_query_chars,
+            pattern=r"\S",
+            description="The caption to search for (not blank; HAT_MAX_QUERY_CHARS at most).",
+        )
+        k: _json_int(limits.max_k) | None = Field(
+            limits.default_k, description=f"Results to return (default HAT_DEFAULT_K = {limits.default_k})."
+        )
+        candidates: _json_int(limits.max_candidates) | None = Field(
+            limits.default_candidates,
+            description="First-stage candidates to re-rank, raised to k if smaller "
+            f"(default {limits.default_candidates}).",
+        )
+
+    return TextSearchRequest
+
+
+@functools.lru_cache(maxsize=16)
+def image_form_model(limits: RequestLimits) -> type[Closed]:
+    """The multipart form of ``POST /search/image`` under ``limits`` (fields in the order they are checked)."""
+
+    class ImageSearchForm(Closed):
+        image: bytes = Field(
+            description="The image file (JPEG, PNG, WebP, GIF, BMP, TIFF; at most "
+            f"{limits.max_upload_bytes} bytes and {limits.max_image_pixels} pixels)."
+        )
+        target: Target = "captions"
+        k: FormInt = Field(limits.default_k, ge=1, le=limits.max_k)
+        candidates: FormInt = Field(limits.default_candidates, ge=1, le=limits.max_candidates)
+
+    return ImageSearchForm
+
+
+# ------------------------------------------------------------------------------------------------ responses
+
+
+class HealthResponse(Closed):
+    status: Literal["ok"]
+
+
+class ReadyResponse(Closed):
+    ready: Literal[True]
+    index_version: str
+    model: str = Field(description="The loaded model's identity (a hash of its weights and configuration).")
+
+
+class NotReadyResponse(Closed):
+    ready: Literal[False]
+    reason: str | None
+    error: ErrorInfo
+
+
+class Result(Closed):
+    id: str = Field(description="Image id, or caption id for image -> captions.")
+    score: float = Field(description="The HAT score (or the first-stage score where no re-rank ran).")
+    first_stage_score: float = Field(description="The global-vector inner product from FAISS.")
+    rank: int = Field(ge=1)
+    image_url: str | None = Field(description="/images/<id>; null for a caption of a text-only corpus.")
+    image_id: str | None = Field(None, description="Captions only: the image the caption belongs to.")
+    text: str | None = Field(None, description="Captions only: the caption.")
+    metadata: dict[str, Any] | None
+
+
+class TextSearchResponse(Closed):
+    results: list[Result]
+    timings_ms: dict[str, float] = Field(
+        description="Milliseconds per stage: queue, encode, first_stage, rerank, total."
+    )
+    stage: Literal["rerank"]
+    index_version: str
+    query: str
+    k: int
+    candidates: int
+
+
+class ImageSearchResponse(Closed):
+    results: list[Result]
+    timings_ms: dict[str, float]
+    stage: Literal["rerank", "first_stage_only"]
+    target: Target
+    index_version: str
+    k: int
+    candidates: int
+
+
+class IndexInfo(Closed):
+    version: str
+    images: int
+    captions: int
+    loaded_at: float
+    model_identity: str
+    refused_versions: dict[str, str]
+    manifest: dict[str, Any]
+
+
+class ReloadResponse(Closed):
+    changed: bool
+    version: str | None
+    previous: str | None
