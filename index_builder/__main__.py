@@ -11,6 +11,7 @@ from index_format import StoreSpec
 
 from .build import BuildOptions, add, build, remove
 from .errors import BuildError, GalleryError
+from .gallery import NOT_AN_IMAGE
 from .version import EXACT_LIMIT
 
 
@@ -79,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         "indexed": result.indexed,
         "captions": result.captions,
         "skipped": len(result.skipped),
+        "not_images": sum(s["reason"] == NOT_AN_IMAGE for s in result.skipped),
         "resumed_shards": result.resumed_shards,
         "encoded_shards": result.encoded_shards,
         "seconds": result.seconds,

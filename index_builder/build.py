@@ -26,7 +26,7 @@ from model import DeviceError, load_model, resolve_device
 
 from .encode import EncodeOptions, encode_shard
 from .errors import BuildError
-from .gallery import Item, Skipped, Text, read_gallery, read_texts
+from .gallery import NOT_AN_IMAGE, Item, Skipped, Text, read_gallery, read_texts
 from .version import EXACT_LIMIT, copy_codebooks, read_jsonl, train_store, write_segment, write_version
 
 logger = logging.getLogger(__name__)
@@ -228,8 +228,15 @@ def write_manifest(info, model_path, spec, opts, skipped, operation, parent) -> 
 
 
 def _log_skipped(skipped: list[dict]) -> None:
+    """One warning per skipped input, except files that are not images at all: one line counts those."""
+    quiet = 0
     for s in skipped:
-        logger.warning("skipped %s: %s", s.get("id") or s["source"], s["reason"])
+        if s["reason"] == NOT_AN_IMAGE:
+            quiet += 1
+        else:
+            logger.warning("skipped %s: %s", s.get("id") or s["source"], s["reason"])
+    if quiet:
+        logger.info("%d files are not images (listed in the report's skipped inputs)", quiet)
 
 
 def _current(root: IndexRoot) -> tuple[Path, dict]:

@@ -17,8 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from index_format import close_inherited_locks, fsync_tree
-from model import load_image, preprocess_image
-from model.errors import ImageDecodeError
+from model import ImageDecodeError, load_pixels
 
 from .gallery import Item, Text
 
@@ -40,12 +39,10 @@ class _Images(Dataset):
 
     def __getitem__(self, i: int):
         item = self.items[i]
-        try:
-            return i, preprocess_image(load_image(item.path, max_pixels=self.max_pixels), self.image_size), None
+        try:  # the model's decoding boundary turns every decoder failure into ImageDecodeError
+            return i, load_pixels(item.path, self.image_size, max_pixels=self.max_pixels), None
         except ImageDecodeError as exc:
             return i, None, str(exc)
-        except (OSError, ValueError, RuntimeError) as exc:  # anything else a decoder raises on a bad file
-            return i, None, f"{item.path}: cannot read image ({exc})"
 
 
 def _collate(batch):

@@ -1,6 +1,13 @@
 """Reading a gallery: a folder of images (recursive) or a JSONL manifest, plus an optional text corpus.
 
 Nothing here decodes images: unreadable files are found (and recorded as skipped) by the encoder.
+
+What counts as an image in a folder is decided by content, not by name: a file whose suffix is one Pillow
+reads (``.jpg``, ``.png``, ``.psd``, ``.tga``, ``.dds``, ...) is listed, and its decoding decides (a broken
+one is skipped with the decoder's reason); any other file is listed when Pillow recognises an image format
+in its header (a cheap check: no pixels are decoded), and otherwise skipped quietly as
+:data:`NOT_AN_IMAGE` (counted in the report, not logged one by one: a photo folder holds notes, sidecars and
+thumbnail databases). Manifest entries name their files, so every one is tried whatever its suffix.
 """
 
 from __future__ import annotations
@@ -14,8 +21,37 @@ from pathlib import Path
 from .errors import GalleryError
 
 logger = logging.getLogger(__name__)
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 CAPTION_SUFFIX = ".txt"  # folder mode: "cat.jpg" takes its captions from "cat.txt", one per line
+NOT_AN_IMAGE = "not an image (no image format recognised in its content)"
+
+
+def _image_suffixes() -> frozenset[str]:
+    """The suffixes of the formats Pillow can open (``.jpg``, ``.png``, ``.psd``, ``.tga``, ...)."""
+    from PIL import Image
+
+    Image.init()
+    return frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
+
+
+IMAGE_SUFFIXES = _image_suffixes()
+
+
+def looks_like_image(path: Path) -> bool:
+    """Whether Pillow recognises an image format in the file's header (no pixels are decoded). Any other
+    failure (unreadable file, a bomb's header) counts as an image: the decoder then reports it by name."""
+    import warnings
+
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path):
+                return True
+    except UnidentifiedImageError:
+        return False
+    except Exception:
+        return True
 
 
 @dataclass
@@ -68,6 +104,7 @@ def read_gallery(source: str | Path, allow_outside_root: bool = False) -> tuple[
 OUTSIDE_FOLDER = "symbolic link leads outside the gallery folder"
 LINK_LOOP = "path cannot be resolved (symbolic link loop)"
 FOLDER_LINK = "symbolic link to a folder is not followed"
+NOT_A_FILE = "not a regular file (a pipe, socket or device)"
 
 
 def _resolve(path: Path) -> Path | None:
@@ -92,7 +129,8 @@ def _walk(folder: Path) -> list[Path]:
 def scan_folder(folder: Path, allow_outside_root: bool = False) -> tuple[list[Item], list[Skipped]]:
     """Every image file under ``folder``, id = its path relative to the folder (POSIX separators).
 
-    Files with other suffixes are recorded as skipped (caption side-car ``.txt`` files excepted). Symbolic
+    Other files are skipped quietly as :data:`NOT_AN_IMAGE` unless their header is an image's (see the module
+    docstring); caption side-car ``.txt`` files are read with their image. Symbolic
     links are followed for files only: a link that leads outside the folder is refused (unless
     ``allow_outside_root``), and a linked folder is never descended into (no loops, no second copy of a
     folder under other ids); both are recorded as skipped.
@@ -103,7 +141,7 @@ def scan_folder(folder: Path, allow_outside_root: bool = False) -> tuple[list[It
         rel = path.relative_to(folder).as_posix()
         suffix = path.suffix.lower()
         link = path.is_symlink()
-        real = _resolve(path) if link or suffix in IMAGE_SUFFIXES else path
+        real = _resolve(path)
         if real is None:
             skipped.append(Skipped(rel, LINK_LOOP, rel))
             continue
@@ -111,21 +149,26 @@ def scan_folder(folder: Path, allow_outside_root: bool = False) -> tuple[list[It
         if link and real.is_dir():
             skipped.append(Skipped(rel, OUTSIDE_FOLDER if outside else FOLDER_LINK, rel))
             continue
-        if suffix == CAPTION_SUFFIX and any(path.with_suffix(s).exists() for s in _suffix_variants()):
+        if suffix == CAPTION_SUFFIX and _has_sibling_image(path):
             continue
-        if suffix not in IMAGE_SUFFIXES:
-            skipped.append(Skipped(rel, f"not an image file type ({suffix or 'no suffix'})", rel))
-            continue
-        if not allow_outside_root and not real.is_relative_to(root):  # real: resolved for every image
+        if not allow_outside_root and not real.is_relative_to(root):  # checked before anything reads the file
             skipped.append(Skipped(rel, OUTSIDE_FOLDER, rel))
+            continue
+        if real.exists() and not real.is_file():  # a FIFO or a device would block or never end
+            skipped.append(Skipped(rel, NOT_A_FILE, rel))
+            continue
+        if suffix not in IMAGE_SUFFIXES and real.exists() and not looks_like_image(real):
+            skipped.append(Skipped(rel, NOT_AN_IMAGE, rel))
             continue
         captions = _sidecar_captions(path, None if allow_outside_root else root, skipped, folder)
         items.append(Item(rel, str(real), captions))
     return items, skipped
 
 
-def _suffix_variants() -> list[str]:
-    return sorted(IMAGE_SUFFIXES | {s.upper() for s in IMAGE_SUFFIXES})
+def _has_sibling_image(caption_file: Path) -> bool:
+    """Whether another file has the caption file's stem (``cat.txt`` beside ``cat.jpg``): then it is captions."""
+    stem = caption_file.stem
+    return any(p.stem == stem and p != caption_file for p in caption_file.parent.iterdir())
 
 
 def _sidecar_captions(image: Path, root: Path | None, skipped: list[Skipped], folder: Path) -> list[str]:

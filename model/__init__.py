@@ -15,7 +15,7 @@ from .config import HATConfig, SwinConfig, TextConfig
 from .devices import DeviceError, resolve_device
 from .errors import CheckpointError, HATError, ImageDecodeError, TokenizerError, UnsafeCheckpointError
 from .hat import HATModel
-from .preprocess import load_image, preprocess_image
+from .preprocess import load_image, load_pixels, preprocess_image
 from .tokenizer import HATTokenizer, TokenBatch
 
 __all__ = [
@@ -34,6 +34,7 @@ __all__ = [
     "hierarchical_similarity",
     "load_image",
     "load_model",
+    "load_pixels",
     "preprocess_image",
     "resolve_device",
     "save_model",

@@ -20,7 +20,21 @@ class UnsafeCheckpointError(CheckpointError):
 
 
 class ImageDecodeError(HATError, ValueError):
-    """Bytes or a file that cannot be decoded as an image, or an image that is too large to decode."""
+    """Bytes or a file that cannot be decoded as an image, or an image that is too large to decode.
+
+    ``kind`` says why, for callers that answer differently (the service's status codes):
+    ``not_image`` (no image format recognised), ``unsupported`` (a recognised format or variant the decoders
+    cannot read), ``corrupt`` (recognised but broken or truncated), ``too_large`` (above the pixel limit),
+    ``not_found`` (no such file).
+    """
+
+    KINDS = ("not_image", "unsupported", "corrupt", "too_large", "not_found")
+
+    def __init__(self, message: str, kind: str = "corrupt") -> None:
+        if kind not in self.KINDS:
+            raise ValueError(f"ImageDecodeError kind must be one of {self.KINDS}, got {kind!r}")
+        super().__init__(message)
+        self.kind = kind
 
 
 class TokenizerError(HATError, ValueError):

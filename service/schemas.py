@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import re
+import unicodedata
 from typing import Annotated, Any, Literal, NamedTuple
 
 from pydantic import AfterValidator, BeforeValidator, Field, StrictInt, StrictStr
@@ -62,10 +63,26 @@ def _form_integer(value: Any) -> Any:
     return int(value)
 
 
+# A character the text encoder keeps: not whitespace, not a control, format (zero-width), private-use or
+# unassigned character (BERT's tokenizer drops categories C*), not a lone combining mark (uncased BERT strips
+# accents). The schema's pattern states the same for the ranges a JSON-schema regex can name; ``_searchable``
+# is exact.
+SEARCHABLE = (
+    r"[^\s\x00-\x1f\x7f-\x9f\u00ad\u0300-\u036f\u200b-\u200f\u2028-\u202e\u2060-\u206f\ufeff"
+    r"\ue000-\uf8ff\ufff0-\uffff]"
+)
+
+
+def _searchable(ch: str) -> bool:
+    category = unicodedata.category(ch)
+    return not ch.isspace() and category[0] != "C" and category != "Mn"
+
+
 def _not_blank(query: str) -> str:
-    """The query with outer whitespace removed (Python's idea of whitespace, wider than the schema's ``\\S``)."""
+    """The query with outer whitespace removed; refused (``empty_query``) when nothing in it is searchable: only
+    whitespace, control, zero-width or combining characters (what ``""`` gets, not results for nothing)."""
     text = query.strip()
-    if not text:
+    if not any(_searchable(ch) for ch in text):
         raise PydanticCustomError("empty_query", "query is empty")
     return text
 
@@ -87,8 +104,9 @@ def text_request_model(limits: RequestLimits) -> type[Closed]:
         query: Query = Field(
             min_length=1,
             max_length=limits.max_query_chars,
-            pattern=r"\S",
-            description="The caption to search for (not blank; HAT_MAX_QUERY_CHARS at most).",
+            pattern=SEARCHABLE,
+            description="The caption to search for (HAT_MAX_QUERY_CHARS at most), with at least one searchable "
+            "character: not only whitespace, control, zero-width or combining characters.",
         )
         k: _json_int(limits.max_k) | None = Field(
             limits.default_k, description=f"Results to return (default HAT_DEFAULT_K = {limits.default_k})."

@@ -7,18 +7,15 @@ captions; image -> image uses the global vectors only (there is no image-image H
 
 from __future__ import annotations
 
-import io
 import time
-import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, get_args
 from urllib.parse import quote
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 
-from model import ImageDecodeError, TokenizerError, load_image, preprocess_image
+from model import ImageDecodeError, TokenizerError, load_pixels
 
 from .errors import ServiceError
 from .settings import RerankDtype, Settings
@@ -87,6 +84,8 @@ def search_text(model, state: IndexState, query: str, params: SearchParams, opti
             levels, lengths = model.encode_text_strings([query])
         except TokenizerError as exc:
             raise ServiceError(422, "invalid_query", str(exc)) from exc
+        if int(lengths[0]) <= 2:  # [CLS] and [SEP] only: control or zero-width characters, nothing to search
+            raise ServiceError(422, "empty_query", "query is empty after tokenisation (no searchable characters)")
         vector = model.global_texts(levels, lengths).cpu().numpy().astype(np.float32)
         levels = [t.cpu() for t in levels]
     clock.lap("encode")
@@ -103,31 +102,25 @@ def search_text(model, state: IndexState, query: str, params: SearchParams, opti
     return {"results": results, "timings_ms": clock.done(), "stage": "rerank"}
 
 
+# How the decoding boundary's reasons (model.ImageDecodeError.kind) answer a client.
+DECODE_ERRORS = {
+    "not_image": (415, "unsupported_image"),
+    "unsupported": (415, "unsupported_image"),
+    "corrupt": (422, "invalid_image"),
+    "too_large": (413, "image_too_large"),
+}
+
+
 def decode_image(data: bytes, image_size: int, max_pixels: int) -> torch.Tensor:
-    """Uploaded bytes -> ``[1, 3, S, S]`` pixels; refuses non-images (415), bombs (413), corrupt data (422)."""
+    """Uploaded bytes -> ``[1, 3, S, S]`` pixels through the model's decoding boundary (``load_pixels``);
+    refuses non-images and unsupported variants (415), bombs (413), corrupt data (422)."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as header:  # reads the header only
-                width, height = header.size
-    except UnidentifiedImageError as exc:
-        raise ServiceError(
-            415, "unsupported_image", "the upload is not a readable image (unknown format or corrupt header)"
-        ) from exc
-    except Image.DecompressionBombError as exc:  # over twice Pillow's own limit: the size is in Pillow's message
-        raise ServiceError(
-            413, "image_too_large", f"image is above the limit of {max_pixels} pixels (decompression bomb: {exc})"
-        ) from exc
-    except (OSError, ValueError, SyntaxError, EOFError) as exc:
-        raise ServiceError(422, "invalid_image", f"cannot read the image header ({exc})") from exc
-    if width * height > max_pixels:
-        pixels = f"{width}x{height} = {width * height} pixels"
-        raise ServiceError(413, "image_too_large", f"image is {pixels}, above the limit of {max_pixels}")
-    try:
-        image = load_image(data, max_pixels=max_pixels)
+        return load_pixels(data, image_size, max_pixels=max_pixels)[None]
     except ImageDecodeError as exc:
-        raise ServiceError(422, "invalid_image", str(exc)) from exc
-    return preprocess_image(image, image_size)[None]
+        status, code = DECODE_ERRORS.get(exc.kind, (422, "invalid_image"))
+        reason = str(exc).removeprefix("uploaded data: ")
+        message = f"the upload is not a readable image: {reason}" if status == 415 else f"image: {reason}"
+        raise ServiceError(status, code, message) from exc
 
 
 def search_image(

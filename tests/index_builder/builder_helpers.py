@@ -28,12 +28,16 @@ def png_header_only(width: int, height: int) -> bytes:
 
 # Every kind of bad or unusual input the builder must survive: name -> expected reason fragment (None = indexed).
 BAD_FILES = {
-    "bad/corrupt.jpg": "cannot decode",
+    "bad/corrupt.jpg": "not an image",  # random bytes with an image suffix: reported by name
     "bad/truncated.png": "cannot decode",
-    "bad/empty.png": "cannot decode",
-    "bad/notes.jpg": "cannot decode",  # text with an image suffix
+    "bad/empty.png": "not an image",
+    "bad/notes.jpg": "not an image",  # text with an image suffix
     "bad/bomb.png": "decompression bomb",
-    "bad/readme.md": "not an image file type",
+    "bad/readme.md": "not an image (no image format recognised",
+    "odd/no_suffix_png": None,  # an image by content, whatever its name
+    "odd/targa.tga": None,  # formats beyond the common ones, by suffix
+    "odd/spider.spi": None,  # a single-image SPIDER file (Pillow refuses seek(0) on it)
+    "odd/multipage.tiff": None,
     "odd/cmyk.jpg": None,
     "odd/gray16.png": None,
     "odd/palette_alpha.png": None,
@@ -73,6 +77,10 @@ def write_bad_files(folder: Path, source_png: Path) -> None:
     good.save(folder / "odd/animated.gif", save_all=True, append_images=[good.rotate(90)])
     good.save(folder / "odd/plain.bmp")
     good.save(folder / "odd/plain.tiff")
+    good.save(folder / "odd/no_suffix_png", "PNG")
+    good.save(folder / "odd/targa.tga")
+    good.convert("F").save(folder / "odd/spider.spi", "SPIDER")
+    good.save(folder / "odd/multipage.tiff", save_all=True, append_images=[good.rotate(90)])
 
 
 def run_cli(*args: str, check: bool = True):
