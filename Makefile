@@ -41,6 +41,7 @@ serve-demo: install
 # go to stress-report/ (one JSON file per test). `make test` runs the same tests at their short sizes.
 RELIABILITY_TESTS = tests/service/test_fuzz.py tests/service/test_hostile.py tests/service/test_load.py \
 	tests/service/test_reload_stress.py tests/service/test_corruption.py tests/service/test_security.py \
+	tests/service/test_decoder_fuzz.py \
 	tests/index_builder/test_crash.py tests/index_builder/test_gallery_escape.py tests/model/test_untrusted_pickles.py
 
 stress: install

@@ -88,8 +88,13 @@ def load_image(
     *,
     exif_transpose: bool = True,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    resize_for: int | None = None,
 ) -> Image.Image:
     """Decode a file path, bytes or file object into an RGB image.
+
+    ``resize_for``: the model input size the image is decoded for; then an image whose shorter-side resize
+    (``resize_size(resize_for)``) would exceed ``max_pixels`` is refused too (a 1 x 4,000,000 strip is within
+    any pixel limit, but resized to 256 px high it would take gigabytes).
 
     Raises:
         ImageDecodeError: unreadable, truncated or non-image data, or more than ``max_pixels`` pixels
@@ -106,6 +111,9 @@ def load_image(
                 width, height = image.size
                 if width * height > max_pixels:
                     raise _too_large(name, f"{width}x{height} = {width * height} pixels", max_pixels)
+                if resize_for and (resized := _resized_pixels(width, height, resize_size(resize_for))) > max_pixels:
+                    shape = f"{width}x{height}, {resized} pixels once resized for the model"
+                    raise _too_large(name, shape, max_pixels)
                 image.load()
                 return to_rgb(image, exif_transpose=exif_transpose)
     except ImageDecodeError:
@@ -122,6 +130,12 @@ def load_image(
         raise ImageDecodeError(f"{name}: unsupported image variant ({exc})", "unsupported") from exc
     except Exception as exc:  # decoders signal broken data with many exception types
         raise ImageDecodeError(f"{name}: cannot decode image ({type(exc).__name__}: {exc})", "corrupt") from exc
+
+
+def _resized_pixels(width: int, height: int, shorter: int) -> int:
+    """Pixels of the image once its shorter side is resized to ``shorter`` (the eval transform's first step)."""
+    scale = shorter / max(1, min(width, height))
+    return max(1, round(width * scale)) * max(1, round(height * scale))
 
 
 def _too_large(name: str, size: str, max_pixels: int) -> ImageDecodeError:
@@ -145,7 +159,7 @@ def load_pixels(
     """
     from torchvision.transforms import functional as TF
 
-    image = load_image(source, exif_transpose=exif_transpose, max_pixels=max_pixels)
+    image = load_image(source, exif_transpose=exif_transpose, max_pixels=max_pixels, resize_for=image_size)
     name = str(source) if isinstance(source, (str, Path)) else "uploaded data"
     try:
         return normalize(TF.to_tensor(resized_crop(image, image_size)))

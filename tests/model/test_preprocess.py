@@ -8,6 +8,7 @@ import struct
 import numpy as np
 import pytest
 import torch
+from decoder_corpus import psd_bytes
 from PIL import Image
 
 from model import ImageDecodeError, load_image, load_pixels, preprocess_image
@@ -186,3 +187,23 @@ def test_decompression_bomb_refused_before_decoding():
 def test_not_a_pil_image():
     with pytest.raises(ImageDecodeError, match="expected a PIL image"):
         preprocess_image(np.zeros((3, 4, 4)))
+
+
+def test_psd_uses_its_merged_image():
+    """PSD frames are its layers and start at 1: seeking to frame 0 refused every PSD before."""
+    data = psd_bytes(6, 4, (200, 10, 30))
+    with Image.open(io.BytesIO(data)) as image, pytest.raises(EOFError):
+        image.seek(0)  # what load_image used to do
+    assert load_image(data).getpixel((0, 0)) == (200, 10, 30)
+    assert load_pixels(data, 16).shape == (3, 16, 16)
+
+
+def test_an_extreme_strip_is_refused_before_its_resize_takes_gigabytes():
+    """1 x 40,000 is 40,000 pixels, but the eval transform would resize it to 73 x 2,920,000 for 64-px inputs:
+    refused from the header (too_large) when that is over the limit; a normal aspect ratio is not."""
+    strip = encode(Image.new("L", (1, 40_000), 128))
+    with pytest.raises(ImageDecodeError, match="once resized for the model") as caught:
+        load_pixels(strip, 64, max_pixels=1_000_000)
+    assert caught.value.kind == "too_large"
+    assert load_image(strip, max_pixels=1_000_000).size == (1, 40_000)  # no model size given: decoded
+    assert load_pixels(encode(gradient(4000, 30)), 64, max_pixels=1_000_000).shape == (3, 64, 64)
