@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .batching import Batcher
 from .errors import ServiceError, error_body
 from .limits import BodyLimitMiddleware
 from .metrics import Metrics, MetricsMiddleware, route_label
@@ -47,7 +48,14 @@ def create_app(settings: Settings | None = None, *, model=None) -> FastAPI:
         # Default: the cores shared by the concurrent searches (measured: 2 searches x 2 threads on 2 cores
         # collapse to ~0.8 s a query next to a busy neighbour process, 1 thread each stays at ~25 ms).
         torch.set_num_threads(settings.threads or max(1, (os.cpu_count() or 1) // settings.workers))
-        app.state.limiter = anyio.CapacityLimiter(settings.workers)
+        app.state.limiter = limiter = anyio.CapacityLimiter(settings.workers)
+        app.state.text_batcher = Batcher(
+            app.state.engine.run_text_batch,
+            max_batch=settings.max_batch,
+            wait_ms=settings.batch_wait_ms,
+            limiter=limiter,
+            on_batch=lambda size: metrics.batch("text", size),
+        )
         await app.state.engine.start()
         try:
             yield

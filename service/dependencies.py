@@ -11,6 +11,7 @@ from typing import Annotated
 import anyio
 from fastapi import Depends, Request
 
+from .batching import Batcher
 from .errors import NotReadyError
 from .metrics import Metrics
 from .settings import Settings
@@ -37,10 +38,16 @@ async def get_limiter(request: Request) -> anyio.CapacityLimiter:
     return request.app.state.limiter
 
 
+async def get_text_batcher(request: Request) -> Batcher:
+    """The batcher of text searches (made by the app's lifespan, on the search workers' limiter)."""
+    return request.app.state.text_batcher
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 EngineDep = Annotated[Engine, Depends(get_engine)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 LimiterDep = Annotated[anyio.CapacityLimiter, Depends(get_limiter)]
+TextBatcherDep = Annotated[Batcher, Depends(get_text_batcher)]
 
 
 async def require_ready(engine: EngineDep) -> None:

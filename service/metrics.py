@@ -17,6 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 # Seconds: from a cached-features re-rank (~1 ms) to a slow image encode on a busy CPU.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 UNMATCHED = "<unmatched>"
 INF = 'le="+Inf"'
 
@@ -79,6 +80,9 @@ class Metrics:
         self.stage_seconds = Histogram(
             "hat_search_stage_duration_seconds", "Time spent in each stage of a search.", ("search", "stage")
         )
+        self.batch_sizes = Histogram(
+            "hat_search_batch_size", "Queries per batch run together (dynamic batching).", ("search",), BATCH_BUCKETS
+        )
 
     def request(self, route: str, method: str, status: int, seconds: float) -> None:
         with self.lock:
@@ -93,6 +97,10 @@ class Metrics:
         with self.lock:
             for stage, ms in timings_ms.items():
                 self.stage_seconds.observe((search, stage), ms / 1000.0)
+
+    def batch(self, search: str, size: int) -> None:
+        with self.lock:
+            self.batch_sizes.observe((search,), size)
 
     def reload(self, result: str) -> None:
         with self.lock:
@@ -116,7 +124,7 @@ class Metrics:
                 ("result",),
                 {(k,): v for k, v in self.reloads.items()},
             )
-            lines += self.request_seconds.render() + self.stage_seconds.render()
+            lines += self.request_seconds.render() + self.stage_seconds.render() + self.batch_sizes.render()
         seen = set()
         for name, help_text, labels, value in gauges:
             if name not in seen:

@@ -169,7 +169,9 @@ class Result(Closed):
 class TextSearchResponse(Closed):
     results: list[Result]
     timings_ms: dict[str, float] = Field(
-        description="Milliseconds per stage: queue, encode, first_stage, rerank, total."
+        description="Milliseconds per stage: queue (waiting for a worker, batch_wait included), batch_wait "
+        "(gathering the batch), encode (the batch's encoder forward), encode_share (encode / batch size), "
+        "first_stage, rerank, total."
     )
     stage: Literal["rerank"]
     index_version: str

@@ -77,29 +77,53 @@ def _top(scores: torch.Tensor, k: int) -> np.ndarray:
 
 
 def search_text(model, state: IndexState, query: str, params: SearchParams, options: SearchOptions) -> dict[str, Any]:
-    """Text -> images: ``{"results", "timings_ms", ...}`` (see docs/service.md for the response shape)."""
+    """Text -> images for one query: ``{"results", "timings_ms", ...}`` (docs/service.md has the shape)."""
+    (outcome,) = search_texts(model, state, [(query, params)], options)
+    if isinstance(outcome, Exception):
+        raise outcome
+    return outcome
+
+
+def search_texts(
+    model, state: IndexState, queries: list[tuple[str, SearchParams]], options: SearchOptions
+) -> list[dict[str, Any] | Exception]:
+    """Text -> images for a batch of queries: one tokenisation and one encoder forward for all of them, one
+    FAISS search, then each query's own re-rank. Returns one outcome per query, its result or the
+    ``ServiceError`` it alone failed with. ``encode`` and ``first_stage`` in each query's timings are the
+    batch's (shared) stages."""
     clock = _Clock()
     with torch.inference_mode():
         try:
-            levels, lengths = model.encode_text_strings([query])
+            levels, lengths = model.encode_text_strings([query for query, _ in queries])
         except TokenizerError as exc:
-            raise ServiceError(422, "invalid_query", str(exc)) from exc
-        if int(lengths[0]) <= 2:  # [CLS] and [SEP] only: control or zero-width characters, nothing to search
-            raise ServiceError(422, "empty_query", "query is empty after tokenisation (no searchable characters)")
-        vector = model.global_texts(levels, lengths).cpu().numpy().astype(np.float32)
+            return [ServiceError(422, "invalid_query", str(exc))] * len(queries)
+        vectors = model.global_texts(levels, lengths).cpu().numpy().astype(np.float32)
         levels = [t.cpu() for t in levels]
     clock.lap("encode")
-    first, rows = state.index.search("images", vector, params.candidates)
-    first, rows = first[0], rows[0]
+    widest = max(params.candidates for _, params in queries)
+    first_all, rows_all = state.index.search("images", vectors, widest)
     clock.lap("first_stage")
-    with torch.inference_mode():
-        scores = state.index.rerank_images(levels, int(lengths[0]), rows, options.rerank_dtype, device=model.device)
-    best = _top(scores, params.k)
-    clock.lap("rerank")
-    with state.lock:
-        items = state.index.images(rows[best])
-    results = _results(items, scores.numpy()[best], first[best])
-    return {"results": results, "timings_ms": clock.done(), "stage": "rerank"}
+    shared, outcomes = clock.ms, []
+    for i, (_, params) in enumerate(queries):
+        length = int(lengths[i])
+        if length <= 2:  # [CLS] and [SEP] only: control or zero-width characters, nothing to search
+            outcomes.append(ServiceError(422, "empty_query", "query is empty after tokenisation (nothing to search)"))
+            continue
+        own = _Clock()
+        keep = rows_all[i] >= 0  # an approximate index may find fewer than asked
+        first, rows = first_all[i][keep][: params.candidates], rows_all[i][keep][: params.candidates]
+        with torch.inference_mode():
+            query_levels = [t[i : i + 1, :length] for t in levels]
+            scores = state.index.rerank_images(query_levels, length, rows, options.rerank_dtype, device=model.device)
+        best = _top(scores, params.k)
+        own.lap("rerank")
+        with state.lock:
+            items = state.index.images(rows[best])
+        total = round(shared["encode"] + shared["first_stage"] + own.done()["total"], 3)
+        timings = {"encode": shared["encode"], "first_stage": shared["first_stage"], "rerank": own.ms["rerank"]}
+        outcomes.append({"results": _results(items, scores.numpy()[best], first[best]),
+                         "timings_ms": {**timings, "total": total}, "stage": "rerank"})  # fmt: skip
+    return outcomes
 
 
 # How the decoding boundary's reasons (model.ImageDecodeError.kind) answer a client.

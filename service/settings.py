@@ -90,6 +90,19 @@ class Settings(BaseSettings):
     workers: int = Field(
         2, ge=1, description="Searches computed at the same time (worker threads); more requests wait their turn."
     )
+    max_batch: int = Field(
+        8,
+        ge=1,
+        le=256,
+        description="Most text queries encoded together in one forward (dynamic batching; 1 turns it off).",
+    )
+    batch_wait_ms: float = Field(
+        2.0,
+        ge=0,
+        le=1000,
+        description="How long the first query of a batch waits for others to join, in ms (queries that wait "
+        "for a busy worker join anyway).",
+    )
     reload_interval: float = Field(
         2.0,
         ge=0,

@@ -25,9 +25,10 @@ import anyio
 
 from index_format import GalleryIndex, IndexFormatError, IndexRoot, open_index
 
+from . import search
 from .errors import NotReadyError, ServiceError
 from .metrics import Metrics
-from .search import SearchOptions
+from .search import SearchOptions, SearchParams
 from .settings import Settings
 
 logger = logging.getLogger("service")
@@ -90,6 +91,16 @@ class Engine:
         finally:
             with state.users_lock:
                 state.users[0] -= 1
+
+    def run_text_batch(self, queries: list[tuple[str, SearchParams]]) -> list[tuple[dict, str] | Exception]:
+        """A batch of text searches on one lease (run in a worker thread by the text batcher): each outcome is
+        ``(result, index version)`` or the exception that query failed with."""
+        try:
+            with self.lease() as (model, state):
+                outcomes = search.search_texts(model, state, queries, self.search_options)
+        except NotReadyError as exc:
+            return [exc] * len(queries)
+        return [o if isinstance(o, Exception) else (o, state.version) for o in outcomes]
 
     # ------------------------------------------------------------------------------------------ start/stop
 

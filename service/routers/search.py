@@ -15,12 +15,12 @@ import anyio
 from fastapi import APIRouter, Depends
 
 from .. import openapi as doc
-from ..dependencies import EngineDep, LimiterDep, MetricsDep, require_ready
+from ..dependencies import EngineDep, LimiterDep, MetricsDep, TextBatcherDep, require_ready
 from ..metrics import Metrics
 from ..openapi import RequestBodies
 from ..requests import ImageQueryDep, TextQueryDep
 from ..schemas import ImageSearchResponse, TextSearchResponse, image_form_model, text_request_model
-from ..search import search_image, search_text
+from ..search import search_image
 from ..state import Engine
 
 router = APIRouter(dependencies=[Depends(require_ready)])
@@ -53,12 +53,20 @@ async def run_search(
     response_model_exclude_unset=True,  # a text search's results are images: no caption fields
     responses=doc.responses(400, 413, 415, 422, 503, ok=TextSearchResponse),
 )
-async def search_text_route(
-    query: TextQueryDep, engine: EngineDep, metrics: MetricsDep, limiter: LimiterDep
-) -> TextSearchResponse:
-    """Text -> images: JSON ``{"query", "k", "candidates"}``; results re-ranked by the HAT score."""
+async def search_text_route(query: TextQueryDep, batcher: TextBatcherDep, metrics: MetricsDep) -> TextSearchResponse:
+    """Text -> images: JSON ``{"query", "k", "candidates"}``; results re-ranked by the HAT score. Concurrent
+    queries are encoded together (service/batching.py); a query's results do not depend on its batch."""
     params = query.params
-    out, version = await run_search(engine, metrics, limiter, "text", search_text, query.query, params)
+    (out, version), batch = await batcher.submit((query.query, params))
+    timings = out["timings_ms"]
+    out["timings_ms"] = {
+        "queue": batch.queue_ms,
+        "batch_wait": batch.batch_wait_ms,
+        **timings,
+        "encode_share": round(timings["encode"] / batch.size, 3),
+        "total": round(timings["total"] + batch.queue_ms, 3),
+    }
+    metrics.stages("text", out["timings_ms"])
     return TextSearchResponse(**out, index_version=version, query=query.query, k=params.k, candidates=params.candidates)
 
 

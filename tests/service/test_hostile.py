@@ -224,16 +224,16 @@ def test_a_server_error_leaves_the_keep_alive_connection_usable(server, monkeypa
     """A failure inside a search (injected: the text search raises for one query) is a JSON 500, and the next
     request on the same keep-alive connection is answered (uvicorn closed it before: 19 of 20 follow-ups
     failed)."""
-    from service.routers import search as routes
+    from service import search
 
-    real = routes.search_text
+    real = search.search_texts
 
-    def failing(model, state, query, *args):
-        if query == "fail here":
+    def failing(model, state, queries, options):
+        if any(query == "fail here" for query, _ in queries):
             raise RuntimeError("injected failure")
-        return real(model, state, query, *args)
+        return real(model, state, queries, options)
 
-    monkeypatch.setattr(routes, "search_text", failing)
+    monkeypatch.setattr(search, "search_texts", failing)
     host, port = server.address
     conn = http.client.HTTPConnection(host, port, timeout=30)
     try:

@@ -24,8 +24,10 @@ def test_text_search_response(client, world):
     body = r.json()
     assert body["query"] == query and body["k"] == 5 and body["candidates"] == 20 and body["stage"] == "rerank"
     assert body["index_version"].startswith("v-")
-    assert set(body["timings_ms"]) == {"queue", "encode", "first_stage", "rerank", "total"}
-    assert all(v >= 0 for v in body["timings_ms"].values())
+    timings = body["timings_ms"]
+    assert set(timings) == {"queue", "batch_wait", "encode", "encode_share", "first_stage", "rerank", "total"}
+    assert all(v >= 0 for v in timings.values())
+    assert timings["batch_wait"] <= timings["queue"] and timings["encode_share"] <= timings["encode"]
     results = body["results"]
     assert [hit["rank"] for hit in results] == [1, 2, 3, 4, 5]
     scores = [hit["score"] for hit in results]
