@@ -8,6 +8,7 @@ the engine and the metrics from ``app.state`` through the dependencies of servic
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -49,13 +50,16 @@ def create_app(settings: Settings | None = None, *, model=None) -> FastAPI:
         # collapse to ~0.8 s a query next to a busy neighbour process, 1 thread each stays at ~25 ms).
         torch.set_num_threads(settings.threads or max(1, (os.cpu_count() or 1) // settings.workers))
         app.state.limiter = limiter = anyio.CapacityLimiter(settings.workers)
-        app.state.text_batcher = Batcher(
-            app.state.engine.run_text_batch,
-            max_batch=settings.max_batch,
-            wait_ms=settings.batch_wait_ms,
-            limiter=limiter,
-            on_batch=lambda size: metrics.batch("text", size),
-        )
+        app.state.batchers = {
+            kind: Batcher(
+                functools.partial(app.state.engine.run_batch, searches),
+                max_batch=settings.max_batch,
+                wait_ms=settings.batch_wait_ms,
+                limiter=limiter,
+                on_batch=functools.partial(metrics.batch, kind),
+            )
+            for kind, searches in (("text", "search_texts"), ("image", "search_images"))
+        }
         await app.state.engine.start()
         try:
             yield

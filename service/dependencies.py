@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Annotated
 
-import anyio
 from fastapi import Depends, Request
 
 from .batching import Batcher
@@ -33,21 +32,21 @@ async def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
-async def get_limiter(request: Request) -> anyio.CapacityLimiter:
-    """The limiter of the search worker threads (``HAT_WORKERS`` at a time; made by the app's lifespan)."""
-    return request.app.state.limiter
-
-
 async def get_text_batcher(request: Request) -> Batcher:
     """The batcher of text searches (made by the app's lifespan, on the search workers' limiter)."""
-    return request.app.state.text_batcher
+    return request.app.state.batchers["text"]
+
+
+async def get_image_batcher(request: Request) -> Batcher:
+    """The batcher of image searches."""
+    return request.app.state.batchers["image"]
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 EngineDep = Annotated[Engine, Depends(get_engine)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
-LimiterDep = Annotated[anyio.CapacityLimiter, Depends(get_limiter)]
 TextBatcherDep = Annotated[Batcher, Depends(get_text_batcher)]
+ImageBatcherDep = Annotated[Batcher, Depends(get_image_batcher)]
 
 
 async def require_ready(engine: EngineDep) -> None:

@@ -1,4 +1,5 @@
-"""The two-stage searches, as plain synchronous functions (the app runs them in worker threads).
+"""The two-stage searches, as plain synchronous functions over a batch of requests (the app's batchers run them
+in worker threads; a batch of one is a search alone).
 
 Text -> images: encode the query, take ``candidates`` images from FAISS by global vector, re-rank them with
 the full HAT score over the cached token features, return the top ``k``. Image -> captions likewise over the
@@ -76,14 +77,6 @@ def _top(scores: torch.Tensor, k: int) -> np.ndarray:
     return order[:k]
 
 
-def search_text(model, state: IndexState, query: str, params: SearchParams, options: SearchOptions) -> dict[str, Any]:
-    """Text -> images for one query: ``{"results", "timings_ms", ...}`` (docs/service.md has the shape)."""
-    (outcome,) = search_texts(model, state, [(query, params)], options)
-    if isinstance(outcome, Exception):
-        raise outcome
-    return outcome
-
-
 def search_texts(
     model, state: IndexState, queries: list[tuple[str, SearchParams]], options: SearchOptions
 ) -> list[dict[str, Any] | Exception]:
@@ -147,25 +140,50 @@ def decode_image(data: bytes, image_size: int, max_pixels: int) -> torch.Tensor:
         raise ServiceError(status, code, message) from exc
 
 
-def search_image(
-    model, state: IndexState, data: bytes, target: str, params: SearchParams, options: SearchOptions
-) -> dict[str, Any]:
-    """Image -> captions (HAT re-rank) or, with ``target="image"``, image -> images by global vector only."""
+def search_images(
+    model, state: IndexState, uploads: list[tuple[bytes, str, SearchParams]], options: SearchOptions
+) -> list[dict[str, Any] | Exception]:
+    """A batch of image searches: each upload decoded on its own (a bad one fails alone), one encoder forward
+    for all that decoded, then each its own first stage and re-rank. One outcome per upload."""
+    decoded: dict[int, torch.Tensor] = {}
+    outcomes: list[Any] = [None] * len(uploads)  # each set below: the upload's error or its result
+    decode_ms: dict[int, float] = {}
+    for i, (data, _, _) in enumerate(uploads):
+        clock = _Clock()
+        try:
+            decoded[i] = decode_image(data, model.config.image.image_size, options.max_image_pixels)
+        except ServiceError as exc:
+            outcomes[i] = exc
+        decode_ms[i] = clock.done()["total"]
+    if not decoded:
+        return outcomes
     clock = _Clock()
-    pixels = decode_image(data, model.config.image.image_size, options.max_image_pixels)
-    clock.lap("decode")
+    order = sorted(decoded)
     with torch.inference_mode():
-        levels = model.encode_images(pixels.to(model.device))
-        vector = model.global_images(levels).cpu().numpy().astype(np.float32)
+        levels = model.encode_images(torch.cat([decoded[i] for i in order]).to(model.device))
+        vectors = model.global_images(levels).cpu().numpy().astype(np.float32)
         levels = [t.cpu() for t in levels]
-    clock.lap("encode")
-    if target == "image":
-        return _image_to_images(state, vector, params, clock)
+    encode_ms = clock.done()["total"]
+    for position, i in enumerate(order):
+        _, target, params = uploads[i]
+        own = _Clock()
+        own.ms.update(decode=decode_ms[i], encode=encode_ms)
+        vector = vectors[position : position + 1]
+        if target == "image":
+            outcomes[i] = _image_to_images(state, vector, params, own)
+        else:
+            own_levels = [t[position : position + 1] for t in levels]
+            outcomes[i] = _image_to_captions(state, vector, own_levels, params, options, own, model.device)
+        outcomes[i]["timings_ms"]["total"] = round(sum(v for k, v in own.ms.items() if k != "total"), 3)
+    return outcomes
+
+
+def _image_to_captions(state, vector, levels, params: SearchParams, options: SearchOptions, clock: _Clock, device):
     first, rows = state.index.search("captions", vector, params.candidates)
     first, rows = first[0], rows[0]
     clock.lap("first_stage")
     with torch.inference_mode():
-        scores = state.index.rerank_captions(levels, rows, options.rerank_dtype, device=model.device)
+        scores = state.index.rerank_captions(levels, rows, options.rerank_dtype, device=device)
     best = _top(scores, params.k)
     clock.lap("rerank")
     with state.lock:

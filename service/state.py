@@ -28,7 +28,7 @@ from index_format import GalleryIndex, IndexFormatError, IndexRoot, open_index
 from . import search
 from .errors import NotReadyError, ServiceError
 from .metrics import Metrics
-from .search import SearchOptions, SearchParams
+from .search import SearchOptions
 from .settings import Settings
 
 logger = logging.getLogger("service")
@@ -92,14 +92,15 @@ class Engine:
             with state.users_lock:
                 state.users[0] -= 1
 
-    def run_text_batch(self, queries: list[tuple[str, SearchParams]]) -> list[tuple[dict, str] | Exception]:
-        """A batch of text searches on one lease (run in a worker thread by the text batcher): each outcome is
-        ``(result, index version)`` or the exception that query failed with."""
+    def run_batch(self, searches: str, requests: list[tuple]) -> list[tuple[dict, str] | Exception]:
+        """A batch of searches on one lease, run in a worker thread by a batcher: ``searches`` names the batch
+        function of service/search.py (``search_texts``, ``search_images``); each outcome is ``(result, index
+        version)`` or the exception that request failed with."""
         try:
             with self.lease() as (model, state):
-                outcomes = search.search_texts(model, state, queries, self.search_options)
+                outcomes = getattr(search, searches)(model, state, requests, self.search_options)
         except NotReadyError as exc:
-            return [exc] * len(queries)
+            return [exc] * len(requests)
         return [o if isinstance(o, Exception) else (o, state.version) for o in outcomes]
 
     # ------------------------------------------------------------------------------------------ start/stop

@@ -7,45 +7,38 @@ read their request through a dependency (service/requests.py), and run through :
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from typing import Any
 
-import anyio
 from fastapi import APIRouter, Depends
 
 from .. import openapi as doc
-from ..dependencies import EngineDep, LimiterDep, MetricsDep, TextBatcherDep, require_ready
+from ..batching import Batcher
+from ..dependencies import ImageBatcherDep, MetricsDep, TextBatcherDep, require_ready
 from ..metrics import Metrics
 from ..openapi import RequestBodies
 from ..requests import ImageQueryDep, TextQueryDep
 from ..schemas import ImageSearchResponse, TextSearchResponse, image_form_model, text_request_model
-from ..search import search_image
-from ..state import Engine
 
 router = APIRouter(dependencies=[Depends(require_ready)])
 TEXT_PATH, IMAGE_PATH = "/search/text", "/search/image"
 
 
-async def run_search(
-    engine: Engine, metrics: Metrics, limiter: anyio.CapacityLimiter, label: str, search: Callable, *args: Any
-) -> tuple[dict[str, Any], str]:
-    """What every search does: lease the model and the serving index, run ``search(model, state, *args,
-    options)`` in a worker thread once one is free (the wait is added to its timings as ``queue``, and to
-    ``total``), and record its stage timings under ``label``. Returns its output and the index version searched."""
-    with engine.lease() as (model, state):
-        submitted = time.perf_counter()
-
-        def job() -> dict[str, Any]:
-            waited = round((time.perf_counter() - submitted) * 1000.0, 3)
-            out = search(model, state, *args, engine.search_options)
-            timings = out["timings_ms"]
-            out["timings_ms"] = {"queue": waited, **timings, "total": round(timings["total"] + waited, 3)}
-            return out
-
-        out = await anyio.to_thread.run_sync(job, limiter=limiter)
-        metrics.stages(label, out["timings_ms"])
-        return out, state.version
+async def run_search(batcher: Batcher, metrics: Metrics, label: str, request: tuple) -> tuple[dict[str, Any], str]:
+    """What every search does: submit the request to its batcher (it runs, with others that arrive together,
+    in a worker thread on a lease of the model and the serving index), add the time spent before its batch
+    started (``queue``, of which ``batch_wait`` gathering the batch) and the encoder's share per request to its
+    timings, and record them under ``label``. Returns its output and the index version searched."""
+    (out, version), batch = await batcher.submit(request)
+    timings = out["timings_ms"]
+    out["timings_ms"] = {
+        "queue": batch.queue_ms,
+        "batch_wait": batch.batch_wait_ms,
+        **timings,
+        "encode_share": round(timings["encode"] / batch.size, 3),
+        "total": round(timings["total"] + batch.queue_ms, 3),
+    }
+    metrics.stages(label, out["timings_ms"])
+    return out, version
 
 
 @router.post(
@@ -57,16 +50,7 @@ async def search_text_route(query: TextQueryDep, batcher: TextBatcherDep, metric
     """Text -> images: JSON ``{"query", "k", "candidates"}``; results re-ranked by the HAT score. Concurrent
     queries are encoded together (service/batching.py); a query's results do not depend on its batch."""
     params = query.params
-    (out, version), batch = await batcher.submit((query.query, params))
-    timings = out["timings_ms"]
-    out["timings_ms"] = {
-        "queue": batch.queue_ms,
-        "batch_wait": batch.batch_wait_ms,
-        **timings,
-        "encode_share": round(timings["encode"] / batch.size, 3),
-        "total": round(timings["total"] + batch.queue_ms, 3),
-    }
-    metrics.stages("text", out["timings_ms"])
+    out, version = await run_search(batcher, metrics, "text", (query.query, params))
     return TextSearchResponse(**out, index_version=version, query=query.query, k=params.k, candidates=params.candidates)
 
 
@@ -76,12 +60,12 @@ async def search_text_route(query: TextQueryDep, batcher: TextBatcherDep, metric
     responses=doc.responses(400, 413, 415, 422, 503, ok=ImageSearchResponse),
 )
 async def search_image_route(
-    query: ImageQueryDep, engine: EngineDep, metrics: MetricsDep, limiter: LimiterDep
+    query: ImageQueryDep, batcher: ImageBatcherDep, metrics: MetricsDep
 ) -> ImageSearchResponse:
-    """Image -> captions (or ``target=image``: image -> images): multipart ``image`` + ``k``, ``candidates``."""
+    """Image -> captions (or ``target=image``: image -> images): multipart ``image`` + ``k``, ``candidates``.
+    Concurrent uploads are encoded together; each is decoded on its own."""
     params, target = query.params, query.target
-    label = f"image_{target}"
-    out, version = await run_search(engine, metrics, limiter, label, search_image, query.data, target, params)
+    out, version = await run_search(batcher, metrics, f"image_{target}", (query.data, target, params))
     candidates = params.candidates if target == "captions" else params.k
     return ImageSearchResponse(**out, index_version=version, k=params.k, candidates=candidates)
 

@@ -149,3 +149,41 @@ def test_results_are_the_same_batched_or_alone(servers, world, monkeypatch):
     count = float(re.search(r'hat_search_batch_size_count\{search="text"\} (\S+)', metrics).group(1))
     total = float(re.search(r'hat_search_batch_size_sum\{search="text"\} (\S+)', metrics).group(1))
     assert total == len(queries) and count < total, metrics  # at least one batch held several queries
+
+
+def test_image_uploads_batched_or_alone_and_a_bad_one_fails_alone(servers, world):
+    """Uploads decoded one by one and encoded together: a corrupt upload in the batch gets its 4xx, the others
+    the results they get alone (both targets)."""
+    batched, alone = servers
+    files = sorted((world["dir"] / "images").iterdir())[:6]
+    uploads = [(f.name, f.read_bytes(), "captions" if i % 2 else "image") for i, f in enumerate(files)]
+    uploads.insert(3, ("broken.png", files[0].read_bytes()[:300], "captions"))  # truncated: 422
+    answers: dict[int, tuple[int, dict]] = {}
+
+    def upload(i: int) -> None:
+        name, data, target = uploads[i]
+        with batched.client() as c:
+            r = c.post("/search/image", files={"image": (name, data)}, data={"k": "5", "target": target})
+            answers[i] = (r.status_code, r.json())
+
+    threads = [threading.Thread(target=upload, args=(i,)) for i in range(len(uploads))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    with alone.client() as c:
+        for i, (name, data, target) in enumerate(uploads):
+            status, body = answers[i]
+            if name == "broken.png":
+                assert status == 422 and body["error"]["code"] == "invalid_image", body
+                continue
+            assert status == 200, body
+            reference = c.post("/search/image", files={"image": (name, data)}, data={"k": "5", "target": target})
+            want = reference.json()["results"]
+            assert [h["id"] for h in body["results"]] == [h["id"] for h in want], name
+            assert [h["score"] for h in body["results"]] == pytest.approx([h["score"] for h in want], abs=1e-5)
+    with batched.client() as c:
+        metrics = c.get("/metrics").text
+    count = float(re.search(r'hat_search_batch_size_count\{search="image"\} (\S+)', metrics).group(1))
+    total = float(re.search(r'hat_search_batch_size_sum\{search="image"\} (\S+)', metrics).group(1))
+    assert total == len(uploads) and count < total, metrics

@@ -81,7 +81,8 @@ def test_image_to_captions(client, world):
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["stage"] == "rerank" and body["target"] == "captions" and body["k"] == 10
-    assert set(body["timings_ms"]) == {"queue", "decode", "encode", "first_stage", "rerank", "total"}
+    assert set(body["timings_ms"]) == {"queue", "batch_wait", "decode", "encode", "encode_share", "first_stage",
+                                       "rerank", "total"}
     results = body["results"]
     assert len(results) == 10 and [h["rank"] for h in results] == list(range(1, 11))
     assert [h["score"] for h in results] == sorted((h["score"] for h in results), reverse=True)
