@@ -100,6 +100,24 @@ def servers(start_server, index_root):
 FAILS = "this query fails in its batch"
 
 
+def _concurrently(request, n: int) -> None:
+    """``request(i)`` for i < n, each in its own thread, all at once."""
+    threads = [threading.Thread(target=request, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+
+
+def _batch_counts(server, search: str) -> tuple[float, float]:
+    """(batches run, requests in them) from the server's ``hat_search_batch_size`` histogram."""
+    with server.client() as c:
+        metrics = c.get("/metrics").text
+    count = re.search(rf'hat_search_batch_size_count\{{search="{search}"\}} (\S+)', metrics)
+    total = re.search(rf'hat_search_batch_size_sum\{{search="{search}"\}} (\S+)', metrics)
+    return float(count.group(1)), float(total.group(1))
+
+
 def test_results_are_the_same_batched_or_alone(servers, world, monkeypatch):
     """Captions of different lengths (1 to 32+ tokens) in one batch, and one query that fails inside the batch
     (injected: the batch's search returns an error for it alone; nothing a client can send gets that far since
@@ -126,11 +144,7 @@ def test_results_are_the_same_batched_or_alone(servers, world, monkeypatch):
             r = c.post("/search/text", json={"query": queries[i], "k": 10, "candidates": 40})
             answers[i] = (r.status_code, r.json())
 
-    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(queries))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    _concurrently(ask, len(queries))
     with alone.client() as c:
         for i, query in enumerate(queries):
             status, body = answers[i]
@@ -144,11 +158,8 @@ def test_results_are_the_same_batched_or_alone(servers, world, monkeypatch):
                 assert got["score"] == pytest.approx(want["score"], abs=1e-5)
                 assert got["first_stage_score"] == pytest.approx(want["first_stage_score"], abs=1e-5)
             assert reference["timings_ms"]["encode_share"] == reference["timings_ms"]["encode"]  # alone: size 1
-    with batched.client() as c:
-        metrics = c.get("/metrics").text
-    count = float(re.search(r'hat_search_batch_size_count\{search="text"\} (\S+)', metrics).group(1))
-    total = float(re.search(r'hat_search_batch_size_sum\{search="text"\} (\S+)', metrics).group(1))
-    assert total == len(queries) and count < total, metrics  # at least one batch held several queries
+    batches, total = _batch_counts(batched, "text")
+    assert total == len(queries) and batches < total  # at least one batch held several queries
 
 
 def test_image_uploads_batched_or_alone_and_a_bad_one_fails_alone(servers, world):
@@ -166,11 +177,7 @@ def test_image_uploads_batched_or_alone_and_a_bad_one_fails_alone(servers, world
             r = c.post("/search/image", files={"image": (name, data)}, data={"k": "5", "target": target})
             answers[i] = (r.status_code, r.json())
 
-    threads = [threading.Thread(target=upload, args=(i,)) for i in range(len(uploads))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    _concurrently(upload, len(uploads))
     with alone.client() as c:
         for i, (name, data, target) in enumerate(uploads):
             status, body = answers[i]
@@ -182,8 +189,5 @@ def test_image_uploads_batched_or_alone_and_a_bad_one_fails_alone(servers, world
             want = reference.json()["results"]
             assert [h["id"] for h in body["results"]] == [h["id"] for h in want], name
             assert [h["score"] for h in body["results"]] == pytest.approx([h["score"] for h in want], abs=1e-5)
-    with batched.client() as c:
-        metrics = c.get("/metrics").text
-    count = float(re.search(r'hat_search_batch_size_count\{search="image"\} (\S+)', metrics).group(1))
-    total = float(re.search(r'hat_search_batch_size_sum\{search="image"\} (\S+)', metrics).group(1))
-    assert total == len(uploads) and count < total, metrics
+    batches, total = _batch_counts(batched, "image")
+    assert total == len(uploads) and batches < total
