@@ -97,11 +97,12 @@ class Settings(BaseSettings):
         description="Most text queries encoded together in one forward (dynamic batching; 1 turns it off).",
     )
     batch_wait_ms: float = Field(
-        2.0,
+        0.0,
         ge=0,
         le=1000,
-        description="How long the first query of a batch waits for others to join, in ms (queries that wait "
-        "for a busy worker join anyway).",
+        description="How long the first query of a batch waits for others to join, in ms. Queries that wait for "
+        "a busy worker join anyway, which under load gives the same batches without delaying a query alone "
+        "(measured: docs/benchmarks.md, Dynamic batching).",
     )
     reload_interval: float = Field(
         2.0,
