@@ -20,8 +20,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
+from .asgi import HTTPMiddleware, ResponseWatch
 from .batching import Batcher
 from .errors import ServiceError, error_body
 from .limits import BodyLimitMiddleware
@@ -144,7 +145,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 INTERNAL_ERROR_MESSAGE = "internal error (logged by the server)"
 
 
-class InternalErrorMiddleware:
+class InternalErrorMiddleware(HTTPMiddleware):
     """An unexpected exception in a route becomes a JSON 500 that ends the request here.
 
     Starlette's outermost ``ServerErrorMiddleware`` (where ``exception_handler(Exception)`` runs) answers and
@@ -154,24 +155,15 @@ class InternalErrorMiddleware:
     """
 
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
-        self.app = app
+        super().__init__(app)
         self.metrics = metrics
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = False
-
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        watch = ResponseWatch(send)
         try:
-            await self.app(scope, receive, tracking_send)
+            await self.app(scope, receive, watch)
         except Exception:
-            if started:  # part of a response is out: nothing valid can follow, let the server close
+            if watch.started:  # part of a response is out: nothing valid can follow, let the server close
                 raise
             logger.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
             self.metrics.error(route_label(scope), "internal_error")

@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .asgi import HTTPMiddleware, ResponseWatch
 from .errors import BodyTooLargeError, ServiceError, error_body
 
 # Bounds of the drain after a refusal (nginx's lingering_time / lingering_timeout are 30 s / 5 s): a client
@@ -30,20 +31,17 @@ LINGER_SECONDS = 10.0
 LINGER_IDLE_SECONDS = 2.0
 
 
-class BodyLimitMiddleware:
+class BodyLimitMiddleware(HTTPMiddleware):
     """Refuses request bodies larger than ``limit_for(path)`` bytes with a JSON 413.
 
     ``limit_for(path)`` -> ``(bytes, message)``: the limit and what the 413 tells the client.
     """
 
     def __init__(self, app: ASGIApp, limit_for: Callable[[str], tuple[int, str]]) -> None:
-        self.app = app
+        super().__init__(app)
         self.limit_for = limit_for
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         limit, refusal = self.limit_for(scope["path"])
         declared = _content_length(scope)
         if declared == -1:
@@ -53,7 +51,6 @@ class BodyLimitMiddleware:
             await _refuse(scope, receive, send, BodyTooLargeError(refusal))
             return
         received = 0
-        started = False
 
         async def counting_receive() -> Message:
             nonlocal received
@@ -64,16 +61,11 @@ class BodyLimitMiddleware:
                     raise BodyTooLargeError(refusal)
             return message
 
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
+        watch = ResponseWatch(send)
         try:
-            await self.app(scope, counting_receive, tracking_send)
+            await self.app(scope, counting_receive, watch)
         except BodyTooLargeError as exc:  # raised where no exception handler turned it into a response
-            if started:
+            if watch.started:
                 raise
             await _refuse(scope, receive, send, exc)
 

@@ -13,7 +13,9 @@ import time
 from collections import defaultdict
 from collections.abc import Iterable
 
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from .asgi import HTTPMiddleware, ResponseWatch
 
 # Seconds: from a cached-features re-rank (~1 ms) to a slow image encode on a busy CPU.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -140,29 +142,20 @@ def _counter(name: str, help_text: str, label_names: tuple[str, ...], values: di
     return lines
 
 
-class MetricsMiddleware:
+class MetricsMiddleware(HTTPMiddleware):
     """Pure ASGI middleware: counts every HTTP response by route template, method and status, with latency."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
-        self.app = app
+        super().__init__(app)
         self.metrics = metrics
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         start = time.perf_counter()
-        status = 500
-
-        async def send_wrapper(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
+        watch = ResponseWatch(send)
         try:
-            await self.app(scope, receive, send_wrapper)
+            await self.app(scope, receive, watch)
         finally:
+            status = watch.status or 500
             self.metrics.request(route_label(scope), scope["method"], status, time.perf_counter() - start)
 
 
