@@ -1,7 +1,7 @@
 """Sustained load on the real server (``python -m service`` in its own process) from the project's load
 generator (benchmarks/service_load.py: keep-alive HTTP clients in threads, another process), on loopback.
 
-Zero errors on both search endpoints and a resident set that does not grow on (under 2.5% across the second
+Zero errors on both search endpoints and a resident set that does not grow on (under 4% across the second
 half of the measured requests, after a warm-up), a check shown to fail on a server with a leak. Short in
 `make test` (1,500 requests for the memory check); `make stress` (HAT_STRESS=full) runs 8 and 32 clients for
 60 s per endpoint on a 1,000-image gallery and 10,000 requests for the memory check.
@@ -78,8 +78,10 @@ def test_sustained_load_has_no_errors(gallery, stress_full, report_figures, tmp_
 # 3,000 requests on the short gallery, twice: RssAnon 658 -> 700 MB and 656 -> 677 MB within the first tenth,
 # then flat within +-10 MB; docs/reliability.md). So the check compares the median of the middle tenth of the
 # samples with the median of the last tenth: a leak of b bytes per request adds about b * N / 2 there, the ramp
-# adds nothing. 2.5% over the second half is the leak rate that 5% over the whole run allowed before.
-SETTLED_GROWTH_LIMIT_PCT = 2.5
+# adds nothing. The limit sits between what a server without a leak showed (up to +2.51% on a machine whose
+# cores another busy process shared: more requests in flight, a higher high-water mark) and what a 50 kB per
+# request leak shows (+6.56%, test_memory_check_catches_a_leak, which keeps that margin checked in CI).
+SETTLED_GROWTH_LIMIT_PCT = 4.0
 MEMORY_REQUESTS_SHORT = 1_500
 
 
