@@ -7,11 +7,11 @@ Public API (the CLI ``python -m index_builder build|add|remove`` is a thin layer
   :func:`write_version`, :func:`train_store`: the steps of a build, for tools that write an index from
   features they made themselves (benchmarks/service_load.py ``prepare-base``).
 
-Reading an index (``open_index``, ``IndexRoot``, ``StoreSpec``) is the index format's job: package
+Reading an index (``open_index``, ``IndexRoot``, ``StoreSpec``, ``compare``) is the index format's job: package
 :mod:`index_format`, re-exported here for the builder's users.
 """
 
-from index_format import GalleryIndex, IndexFormatError, IndexRoot, StoreSpec, open_index
+from index_format import GalleryIndex, IndexFormatError, IndexRoot, StoreSpec, compare, open_index
 
 from .build import BuildOptions, BuildResult, add, build, gallery_rows, model_info, remove, write_manifest
 from .errors import BuildError, GalleryError
@@ -28,6 +28,7 @@ __all__ = [
     "StoreSpec",
     "add",
     "build",
+    "compare",
     "gallery_rows",
     "model_info",
     "open_index",

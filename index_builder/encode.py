@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from index_format import close_inherited_locks, fsync_tree
 from model import ImageDecodeError, load_pixels
 
-from .gallery import Item, Text
+from .gallery import Item, Text, read_object, uri_scheme
 
 
 @dataclass
@@ -28,6 +29,9 @@ class EncodeOptions:
     workers: int = 0
     max_pixels: int = 89_478_485  # Pillow's decompression-bomb warning threshold
     text_batch: int = 256
+
+
+TMP_PREFIX = ".writing-"  # a shard being written; committed by renaming it to its final name
 
 
 class _Images(Dataset):
@@ -39,8 +43,14 @@ class _Images(Dataset):
 
     def __getitem__(self, i: int):
         item = self.items[i]
+        source = item.path
+        if uri_scheme(source) is not None:  # an object-store URI (the manifest reader let only those through)
+            try:
+                source = read_object(item.path)
+            except OSError as exc:
+                return i, None, f"cannot read ({exc})"
         try:  # the model's decoding boundary turns every decoder failure into ImageDecodeError
-            return i, load_pixels(item.path, self.image_size, max_pixels=self.max_pixels), None
+            return i, load_pixels(source, self.image_size, max_pixels=self.max_pixels, name=item.path), None
         except ImageDecodeError as exc:
             return i, None, str(exc)
 
@@ -52,7 +62,47 @@ def _collate(batch):
     return [i for i, _ in ok], pixels, failed
 
 
+def decode_items(items: list[Item], image_size: int, max_pixels: int):
+    """Decode ``items`` in this process -> (ok positions, pixels ``[n, 3, S, S]`` float32 or None, {position:
+    reason}). The distributed build's CPU tasks run this; the single-process build decodes the same way in
+    its DataLoader workers (``_Images``)."""
+    data = _Images(items, image_size, max_pixels)
+    ok, pixels, failed = _collate([data[i] for i in range(len(items))])
+    return ok, (pixels.numpy() if pixels is not None else None), dict(failed)
+
+
+def pixel_batches(positions: list[int], pixels: np.ndarray, batch_size: int):
+    """Re-form the batches the single-process DataLoader makes: positions ``[j*B, (j+1)*B)`` of the shard, the
+    undecodable ones left out. The same images in the same batch shapes give the same bits on the same kernels."""
+    start = 0
+    while start < len(positions):
+        group = positions[start] // batch_size
+        end = start
+        while end < len(positions) and positions[end] // batch_size == group:
+            end += 1
+        yield positions[start:end], torch.from_numpy(np.array(pixels[start:end]))  # a writable copy of one batch
+        start = end
+
+
 @torch.inference_mode()
+def encode_pixel_batches(model, batches, progress=None):
+    """``(positions, pixels)`` batches -> (positions, per level ``[n, R_l, D]`` float16, global ``[n, G]``
+    float32); levels and global are None when no image decoded."""
+    positions, levels, vectors = [], [], []
+    device = model.device
+    for ok, pixels in batches:
+        if pixels is not None and len(ok):
+            feats = model.encode_images(pixels.to(device))
+            vectors.append(model.global_images(feats).float().cpu().numpy())
+            levels.append([f.to(torch.float16).cpu().numpy() for f in feats])
+            positions.extend(ok)
+        if progress is not None:
+            progress(len(ok))
+    if not levels:
+        return positions, None, None
+    return positions, [np.concatenate(parts) for parts in zip(*levels, strict=True)], np.concatenate(vectors)
+
+
 def encode_images(model, items: list[Item], opts: EncodeOptions, progress=None):
     """-> (ok positions, per level ``[n, R_l, D]`` float16, global ``[n, G]`` float32, {position: reason})."""
     loader = DataLoader(
@@ -63,21 +113,19 @@ def encode_images(model, items: list[Item], opts: EncodeOptions, progress=None):
         persistent_workers=False,
         worker_init_fn=close_inherited_locks,  # a killed builder's lock is free at once, not when its workers exit
     )
-    positions, levels, vectors, failures = [], [], [], {}
-    device = model.device
-    for ok, pixels, failed in loader:
-        failures.update(failed)
-        if pixels is not None:
-            feats = model.encode_images(pixels.to(device))
-            vectors.append(model.global_images(feats).float().cpu().numpy())
-            levels.append([f.to(torch.float16).cpu().numpy() for f in feats])
-            positions.extend(ok)
-        if progress is not None:
-            progress.update(len(ok) + len(failed))
-    if levels:
-        stacked = [np.concatenate(parts) for parts in zip(*levels, strict=True)]
-        return positions, stacked, np.concatenate(vectors), failures
-    return positions, None, None, failures
+    failures = {}
+
+    def batches():
+        for ok, pixels, failed in loader:
+            failures.update(failed)
+            if progress is not None and failed:
+                progress.update(len(failed))
+            yield ok, pixels
+
+    positions, levels, vectors = encode_pixel_batches(
+        model, batches(), progress.update if progress is not None else None
+    )
+    return positions, levels, vectors, failures
 
 
 @torch.inference_mode()
@@ -111,12 +159,23 @@ def encode_shard(model, items: list[Item], texts: list[Text], out: Path, opts: E
     """
     started = time.perf_counter()
     positions, image_levels, image_global, failures = encode_images(model, items, opts, progress)
+    return finish_shard(model, items, texts, (positions, image_levels, image_global, failures), out, opts, started)
+
+
+def finish_shard(model, items: list[Item], texts: list[Text], images, out: Path, opts: EncodeOptions,
+                 started: float) -> dict:
+    """Encode the captions of the decoded ``items`` plus ``texts``, write everything as shard ``out``.
+
+    ``images`` is ``encode_images``' result. The shard is written under a private temporary name and
+    committed by one rename; when ``out`` exists already (another attempt of the same shard committed first:
+    a retried or orphaned distributed task), that shard is kept and this copy dropped: both hold the same.
+    """
+    positions, image_levels, image_global, failures = images
     kept = [items[i] for i in positions]
     captions = [(f"{it.id}#{j}", it.id, c, {}) for it in kept for j, c in enumerate(it.captions)]
     captions += [(t.id, None, t.text, t.metadata) for t in texts]
     tokens, offsets, caption_global = encode_texts(model, [c[2] for c in captions], opts)
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = out.with_name(f"{TMP_PREFIX}{out.name}-{uuid.uuid4().hex[:12]}")
     tmp.mkdir(parents=True)
     if image_levels is not None:
         for level, x in enumerate(image_levels):
@@ -134,5 +193,21 @@ def encode_shard(model, items: list[Item], texts: list[Text], out: Path, opts: E
     }
     (tmp / "shard.json").write_text(json.dumps(summary))
     fsync_tree(tmp)
-    os.rename(tmp, out)
+    try:
+        os.rename(tmp, out)
+    except OSError:
+        if not (out / "shard.json").is_file():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        return json.loads((out / "shard.json").read_text())
     return summary
+
+
+def is_committed(shard: Path) -> bool:
+    return shard.is_dir() and (shard / "shard.json").is_file()
+
+
+def drop_unfinished(staging: Path) -> None:
+    """Remove shard copies that a killed run was still writing (never read: only committed names count)."""
+    for tmp in staging.glob(f"{TMP_PREFIX}*"):
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +25,29 @@ from .errors import GalleryError
 logger = logging.getLogger(__name__)
 CAPTION_SUFFIX = ".txt"  # folder mode: "cat.jpg" takes its captions from "cat.txt", one per line
 NOT_AN_IMAGE = "not an image (no image format recognised in its content)"
+# Object stores a manifest's ``image`` may name by URI, read through pyarrow's file systems (the I/O layer
+# Ray Data uses): ``s3://bucket/key`` (``?endpoint_override=host:port&scheme=http`` for S3-compatible servers),
+# ``gs://``, ``hdfs://``, ``abfs://``. ``file://`` URIs are local paths and follow the local paths' rules.
+OBJECT_STORE_SCHEMES = ("s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss")
+_URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def uri_scheme(path: str) -> str | None:
+    """The lower-cased scheme of ``scheme://...``, else None (a plain path)."""
+    match = _URI.match(path)
+    return match.group(1).lower() if match else None
+
+
+def read_object(uri: str) -> bytes:
+    """The bytes of an object-store URI (one of ``OBJECT_STORE_SCHEMES``); OSError when it cannot be read."""
+    from pyarrow import ArrowException, fs
+
+    try:
+        filesystem, path = fs.FileSystem.from_uri(uri)
+        with filesystem.open_input_stream(path) as stream:
+            return stream.read()
+    except ArrowException as exc:  # ArrowInvalid (a bad URI), ArrowIOError subclasses OSError already
+        raise OSError(str(exc)) from exc
 
 
 def _image_suffixes() -> frozenset[str]:
@@ -193,7 +218,8 @@ def read_manifest(manifest: Path, allow_outside_root: bool = False) -> tuple[lis
 
     An image path must resolve (symbolic links followed) inside the manifest's own folder, the gallery
     root, unless ``allow_outside_root``; the string is a plain path, never URL-decoded (``%2F`` is three
-    characters of a file name).
+    characters of a file name). A ``file://`` URI is a local path (URL-decoded, as URIs are) under the same
+    rule; an object-store URI (``s3://``, ``gs://``, ... see ``OBJECT_STORE_SCHEMES``) is read when encoding.
     """
     base = manifest.parent
     root = base.resolve()
@@ -213,6 +239,17 @@ def read_manifest(manifest: Path, allow_outside_root: bool = False) -> tuple[lis
             continue
         if item.id in seen:
             skipped.append(Skipped(where, f"duplicate id {item.id!r} (first at line {seen[item.id]})", item.id))
+            continue
+        scheme = uri_scheme(image)
+        if scheme in OBJECT_STORE_SCHEMES:  # read at encoding time through pyarrow; no local file is touched
+            seen[item.id] = number
+            items.append(Item(item.id, image, item.captions, item.metadata))
+            continue
+        if scheme == "file":
+            item.path = urllib.parse.unquote(urllib.parse.urlsplit(image).path)
+        elif scheme is not None:
+            skipped.append(Skipped(where, f"image {image!r}: unsupported URI scheme {scheme!r} (local paths, "
+                                          f"file://, {', '.join(s + '://' for s in OBJECT_STORE_SCHEMES)})", item.id))
             continue
         real = _resolve(Path(item.path))
         if real is None:

@@ -6,9 +6,12 @@ The builder (``index_builder``, the writer) and the service both use it through 
 * :class:`IndexRoot`: the on-disk layout of versions and segments, the build lock and the atomic ``current``.
 * :class:`StoreSpec`, :class:`Table`, :class:`PCACodebook`: how token features are stored and decoded
   (``write_table`` and ``train_codebooks`` write them: encoder and decoder of one format live together).
+* :func:`compare` / :func:`fingerprint`: which fields of two published indexes differ (``python -m
+  index_format compare A B``).
 * :class:`IndexFormatError` (a bad index), :class:`BuildError` (a write to the root cannot be done).
 """
 
+from .compare import compare, fingerprint
 from .errors import BuildError, IndexFormatError
 from .layout import (
     FORMAT_VERSION,
@@ -38,6 +41,8 @@ __all__ = [
     "StoreSpec",
     "Table",
     "close_inherited_locks",
+    "compare",
+    "fingerprint",
     "fsync_tree",
     "new_name",
     "open_index",

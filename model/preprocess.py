@@ -89,9 +89,11 @@ def load_image(
     exif_transpose: bool = True,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     resize_for: int | None = None,
+    name: str | None = None,
 ) -> Image.Image:
     """Decode a file path, bytes or file object into an RGB image.
 
+    ``name``: how error messages name the source (default: the path, or "uploaded data").
     ``resize_for``: the model input size the image is decoded for; then an image whose shorter-side resize
     (``resize_size(resize_for)``) would exceed ``max_pixels`` is refused too (a 1 x 4,000,000 strip is within
     any pixel limit, but resized to 256 px high it would take gigabytes).
@@ -102,7 +104,7 @@ def load_image(
     """
     if isinstance(source, (bytes, bytearray, memoryview)):
         source = io.BytesIO(bytes(source))
-    name = str(source) if isinstance(source, (str, Path)) else "uploaded data"
+    name = name or (str(source) if isinstance(source, (str, Path)) else "uploaded data")
     try:
         with warnings.catch_warnings():
             # Our own max_pixels check below replaces Pillow's warning; its hard error (2x) still applies.
@@ -150,6 +152,7 @@ def load_pixels(
     *,
     exif_transpose: bool = True,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    name: str | None = None,
 ) -> torch.Tensor:
     """Bytes or a path -> the eval transform's ``[3, image_size, image_size]`` float32 tensor: the project's
     one decoding boundary (decode, pixel limit, first frame, EXIF once, RGB, resize, crop, normalise).
@@ -159,8 +162,8 @@ def load_pixels(
     """
     from torchvision.transforms import functional as TF
 
-    image = load_image(source, exif_transpose=exif_transpose, max_pixels=max_pixels, resize_for=image_size)
-    name = str(source) if isinstance(source, (str, Path)) else "uploaded data"
+    name = name or (str(source) if isinstance(source, (str, Path)) else "uploaded data")
+    image = load_image(source, exif_transpose=exif_transpose, max_pixels=max_pixels, resize_for=image_size, name=name)
     try:
         return normalize(TF.to_tensor(resized_crop(image, image_size)))
     except Exception as exc:  # a decoded image the transform cannot take is a bad image too

@@ -6,9 +6,11 @@ import io
 import struct
 import subprocess
 import sys
+import threading
 import zlib
 from pathlib import Path
 
+import httpx
 import numpy as np
 from PIL import Image
 
@@ -135,3 +137,53 @@ def assert_same_index(got, want, model, queries: list[str], atol: float = 1e-3) 
             np.testing.assert_allclose(x, y, atol=atol, err_msg=f"features of {k}")
     for query in queries:
         assert search_text(got, model, query) == search_text(want, model, query), query
+
+
+# ------------------------------------------------------------ a live service searched during a build
+
+
+class Prober:
+    """Searches the service every ``interval`` seconds in the background; records every answer."""
+
+    def __init__(self, url: str, query: str, interval: float = 0.3) -> None:
+        self.url, self.query, self.interval = url, query, interval
+        self.answers: list[tuple[int, int, str | None]] = []  # (status, results, index version)
+        self.failures: list[str] = []
+        self.stop_event = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def probe(self) -> dict:
+        r = httpx.post(f"{self.url}/search/text", json={"query": self.query, "k": 5}, timeout=30)
+        body = r.json()
+        self.answers.append((r.status_code, len(body.get("results", [])), body.get("index_version")))
+        if r.status_code != 200 or not body.get("results"):
+            self.failures.append(f"{r.status_code}: {r.text[:300]}")
+        return body
+
+    def _run(self) -> None:
+        while not self.stop_event.wait(self.interval):
+            try:
+                self.probe()
+            except Exception as exc:  # a refused or broken connection is exactly what this test looks for
+                self.failures.append(repr(exc))
+
+    def __enter__(self) -> Prober:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop_event.set()
+        self.thread.join(timeout=60)
+
+
+def session_alive(sid: int) -> list[int]:
+    """Processes of session ``sid`` still alive (a killed builder's orphaned workers)."""
+    alive = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z":
+            alive.append(int(stat.parent.name))
+    return alive

@@ -22,13 +22,11 @@ import random
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
-import httpx
 import pytest
-from builder_helpers import DEMO_MODEL, REPO, assert_same_index, run_cli, search_text
+from builder_helpers import DEMO_MODEL, REPO, Prober, assert_same_index, run_cli, search_text, session_alive
 from live_server import LiveServer
 
 from index_builder import BuildOptions, IndexRoot, build, open_index
@@ -42,43 +40,6 @@ SIZES = {
 }
 LIVE_IMAGES = 8  # the gallery published before the trials
 POLL_S = 0.002
-
-
-# ----------------------------------------------------------------------------------------- the live service
-
-
-class Prober:
-    """Searches the service every ``interval`` seconds in the background; records every answer."""
-
-    def __init__(self, url: str, query: str, interval: float = 0.3) -> None:
-        self.url, self.query, self.interval = url, query, interval
-        self.answers: list[tuple[int, int, str | None]] = []  # (status, results, index version)
-        self.failures: list[str] = []
-        self.stop_event = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def probe(self) -> dict:
-        r = httpx.post(f"{self.url}/search/text", json={"query": self.query, "k": 5}, timeout=30)
-        body = r.json()
-        self.answers.append((r.status_code, len(body.get("results", [])), body.get("index_version")))
-        if r.status_code != 200 or not body.get("results"):
-            self.failures.append(f"{r.status_code}: {r.text[:300]}")
-        return body
-
-    def _run(self) -> None:
-        while not self.stop_event.wait(self.interval):
-            try:
-                self.probe()
-            except Exception as exc:  # a refused or broken connection is exactly what this test looks for
-                self.failures.append(repr(exc))
-
-    def __enter__(self) -> Prober:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop_event.set()
-        self.thread.join(timeout=60)
 
 
 # ------------------------------------------------------------------------------------ watching a build's root
@@ -115,19 +76,6 @@ def _phase(state: dict, n_shards: int) -> str:
 def _before(root: Path) -> tuple[str | None, set[str]]:
     """(the version ``current`` names, the segment directories present) before a build starts."""
     return IndexRoot(root).current_version(), {d.name for d in root.glob("segments/*")}
-
-
-def _session_alive(sid: int) -> list[int]:
-    """Processes of session ``sid`` still alive (the killed builder's orphaned decoding workers)."""
-    alive = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[3]) == sid and fields[0] != "Z":
-            alive.append(int(stat.parent.name))
-    return alive
 
 
 def _timeline(cmd: list[str], root: Path, n_shards: int) -> dict:
@@ -221,8 +169,8 @@ def _run_until_killed(cmd: list[str], root: Path, plan: dict, n_shards: int, log
         # Decoding workers outlive their parent until they notice it is gone, and hold the writer lock
         # (an flock, inherited by fork) until then: a restart within that time is refused.
         now = time.monotonic() - since
-        assert now < 60, f"orphaned builder processes {_session_alive(proc.pid)}"
-        if orphans_s is None and not _session_alive(proc.pid):
+        assert now < 60, f"orphaned builder processes {session_alive(proc.pid)}"
+        if orphans_s is None and not session_alive(proc.pid):
             orphans_s = round(now, 2)
         if lock_s is None and not _lock_held(root):
             lock_s = round(now, 2)

@@ -1,0 +1,194 @@
+"""The build's encoding step on a Ray cluster (``--ray ADDRESS``): same shards, same bits, spread out.
+
+The driver (``build``/``add``) plans the gallery into shards exactly as the single-process build does, and
+hands the shards not yet committed to a Ray Data pipeline:
+
+1. a dataset with one row per shard (its items and, for shard 0, the text corpus);
+2. ``decode``: CPU tasks decode and preprocess the shard's images (the model's one decoding boundary,
+   ``load_pixels``), the same code the single-process build runs in its DataLoader workers;
+3. ``ShardEncoder``: a pool of actors, each loading the model once (one GPU each when the cluster has GPUs,
+   CPU actors otherwise), encodes the images in the batches the single-process build forms, then the
+   captions, and commits the shard into ``staging/`` by one rename (``encode.finish_shard``).
+
+Ray restarts a killed actor and retries its task; a shard a retry finds committed is kept. A killed driver
+leaves committed shards behind and the same command resumes from them. Building the FAISS indices,
+the metadata and publishing stay in the driver. Every node must see the gallery, the model and ``--out``
+at the same paths (a shared volume or file system): the actors write the shards themselves.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .encode import EncodeOptions, decode_items, encode_pixel_batches, finish_shard, pixel_batches
+from .errors import BuildError
+from .gallery import Item, Text
+
+logger = logging.getLogger(__name__)
+
+
+def connect(address: str) -> bool:
+    """Start (``local``) or join a Ray cluster; True when this call started the connection (and so must end it)."""
+    try:
+        import ray
+    except ImportError as exc:
+        raise BuildError("--ray needs Ray: pip install 'hat-search[ray]'") from exc
+    if ray.is_initialized():  # a caller (a test, a notebook) connected already: use its cluster
+        return False
+    _check_reachable(address)
+    kwargs = {"include_dashboard": False, "logging_level": logging.WARNING, "configure_logging": True}
+    try:
+        if address == "local":
+            ray.init(address="local", **kwargs)
+        else:
+            ray.init(address=address, **kwargs)
+    except Exception as exc:  # ConnectionError, ValueError, RuntimeError: all one fatal line for the build
+        raise BuildError(f"--ray {address}: cannot connect to a Ray cluster ({type(exc).__name__}: {exc})") from exc
+    return True
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """A given ``HOST:PORT`` (or ``ray://HOST:PORT``) answers a TCP connect within seconds; Ray itself
+    retries an unreachable head for a minute before it gives up."""
+    if address in ("local", "auto"):
+        return
+    import socket
+
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise BuildError(f"--ray {address}: expected local, auto, HOST:PORT or ray://HOST:PORT")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise BuildError(f"--ray {address}: cannot connect to a Ray cluster ({exc})") from exc
+
+
+def pool_shape(opts, cluster: dict) -> dict:
+    """Encoder actors and their resources, from the flags or the cluster's resources.
+
+    GPUs (unless ``--device cpu``): one actor per GPU. CPU only: one actor per CPU, keeping one CPU free for
+    the decoding tasks; each actor runs ``--ray-threads`` torch threads (default: the CPUs it reserves).
+    """
+    gpus = int(cluster.get("GPU", 0))
+    cpus = float(cluster.get("CPU", 1))
+    actor_cpus = opts.ray_actor_cpus
+    if actor_cpus <= 0:
+        raise BuildError("--ray-actor-cpus must be above 0")
+    if gpus and opts.device != "cpu":
+        actors = opts.ray_actors or gpus
+        return {"actors": actors, "num_gpus": 1, "num_cpus": actor_cpus, "threads": opts.ray_threads or 1,
+                "device": "cuda"}
+    if opts.device not in ("auto", "cpu"):
+        raise BuildError(f"--device {opts.device}: the Ray cluster has no GPUs")
+    actors = opts.ray_actors or max(1, int((cpus - 1) // actor_cpus))
+    if actors * actor_cpus + 1 > cpus:
+        raise BuildError(
+            f"{actors} encoder actors × {actor_cpus:g} CPUs leave no CPU for decoding on a cluster of {cpus:g} "
+            "CPUs: use fewer --ray-actors or a fractional --ray-actor-cpus (e.g. 0.5)"
+        )
+    return {"actors": actors, "num_gpus": 0, "num_cpus": actor_cpus,
+            "threads": opts.ray_threads or max(1, int(actor_cpus)), "device": "cpu"}
+
+
+def decode(row: dict, image_size: int, max_pixels: int) -> dict:
+    """Ray Data task: one shard's images -> pixels of those that decode, reasons for those that do not."""
+    items: list[Item] = pickle.loads(row["items"])
+    positions, pixels, failures = decode_items(items, image_size, max_pixels)
+    if pixels is None:
+        pixels = np.zeros((0, 3, image_size, image_size), np.float32)
+    return {**row, "positions": np.asarray(positions, np.int64), "pixels": pixels, "failures": pickle.dumps(failures)}
+
+
+class ShardEncoder:
+    """Ray Data actor: loads the model once, encodes decoded shards and commits them into ``staging``."""
+
+    def __init__(self, model_path: str, identity: str, device: str, threads: int, opts: EncodeOptions) -> None:
+        import torch
+
+        from model import load_model
+
+        if device == "cpu":
+            torch.set_num_threads(threads)
+        self.model = load_model(model_path, device=device)
+        if self.model.identity != identity:
+            raise BuildError(f"{model_path} changed during the build: another model than the driver's")
+        self.opts = opts
+
+    def __call__(self, row: dict) -> dict:
+        started = time.perf_counter()
+        out = Path(row["out"])
+        items: list[Item] = pickle.loads(row["items"])
+        texts: list[Text] = pickle.loads(row["texts"])
+        positions = [int(p) for p in row["positions"]]
+        batches = pixel_batches(positions, np.asarray(row["pixels"], np.float32), self.opts.batch_size)
+        ok, levels, vectors = encode_pixel_batches(self.model, batches)
+        failures = pickle.loads(row["failures"])
+        summary = finish_shard(self.model, items, texts, (ok, levels, vectors, failures), out, self.opts, started)
+        return {"shard": row["shard"], "images": len(items), "indexed": len(summary["items"]),
+                "node": os.uname().nodename, "pid": os.getpid()}
+
+
+def encode_shards(address: str, model_path: str, model, items: list[Item], texts: list[Text],
+                  plan: list[tuple[int, int]], todo: list[int], shards: list[Path], opts) -> dict:
+    """Encode shards ``todo`` of ``plan`` into ``shards[i]`` on Ray; returns what ran where."""
+    if not todo:
+        return {}
+    started_here = connect(address)
+    try:
+        import ray
+        import ray.data
+
+        shape = pool_shape(opts, ray.cluster_resources())
+        logger.info("Ray: %d shards on %d encoder actors (%s, %g CPUs each)", len(todo), shape["actors"],
+                    shape["device"], shape["num_cpus"])
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = opts.progress
+        ctx.execution_options.preserve_order = False
+        rows = [
+            {
+                "shard": i,
+                "out": str(Path(shards[i]).absolute()),
+                "items": pickle.dumps(items[plan[i][0]:plan[i][1]]),
+                "texts": pickle.dumps(texts if i == 0 else []),
+            }
+            for i in todo
+        ]
+        enc = EncodeOptions(opts.batch_size, 0, opts.max_pixels)
+        image_size = model.config.image.image_size
+        ds = ray.data.from_items(rows, override_num_blocks=len(rows))
+        # Decoding tasks reserve the memory of the pixels they hand on (one float32 image per item). That also
+        # keeps Ray Data from fusing them into the encoder actors (it fuses maps whose resource requests are
+        # equal), so decoding the next shards overlaps encoding; Ray Data spreads tasks over the nodes.
+        pixel_bytes = 4 * 3 * image_size * image_size * max(1, max(plan[i][1] - plan[i][0] for i in todo))
+        ds = ds.map(decode, fn_kwargs={"image_size": image_size, "max_pixels": opts.max_pixels}, num_cpus=1,
+                    memory=pixel_bytes)
+        ds = ds.map(
+            ShardEncoder,
+            fn_constructor_args=(os.path.abspath(model_path) if os.path.exists(model_path) else model_path,
+                                 model.identity, shape["device"], shape["threads"], enc),
+            compute=ray.data.ActorPoolStrategy(size=shape["actors"]),
+            num_cpus=shape["num_cpus"],
+            num_gpus=shape["num_gpus"],
+        )
+        done = []
+        try:
+            for row in ds.iter_rows():
+                done.append(row)
+                if opts.progress:
+                    print(f"shard {row['shard']}: {row['indexed']}/{row['images']} images indexed on "
+                          f"{row['node']}", file=sys.stderr)
+        except BuildError:
+            raise
+        except Exception as exc:  # a task that failed past its retries: the build stops, shards stay
+            raise BuildError(f"distributed encoding failed: {type(exc).__name__}: {exc}") from exc
+        return {"actors": shape["actors"], "device": shape["device"], "nodes": sorted({r["node"] for r in done})}
+    finally:
+        if started_here:
+            ray.shutdown()
