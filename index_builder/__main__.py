@@ -12,7 +12,7 @@ from index_format import StoreSpec
 from .build import BuildOptions, add, build, remove
 from .errors import BuildError, GalleryError
 from .gallery import NOT_AN_IMAGE
-from .version import EXACT_LIMIT
+from .version import COMPRESS_LIMIT, EXACT_LIMIT
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -28,6 +28,11 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep", type=int, default=3, help="published versions to keep")
     p.add_argument("--max-pixels", type=int, default=89_478_485, help="decompression-bomb limit per image")
     p.add_argument("--exact-limit", type=int, default=EXACT_LIMIT, help="flat FAISS index up to this many vectors")
+    p.add_argument(
+        "--compress-limit", type=int, default=COMPRESS_LIMIT,
+        help=f"compressed FAISS index (IVF-PQ, re-scored exactly; memory-mapped by the service) above this many "
+        f"vectors, IVF-Flat between --exact-limit and this (default {COMPRESS_LIMIT:,})",
+    )
     p.add_argument(
         "--allow-outside-root", action="store_true",
         help="accept image paths (and side-car caption files) that resolve, after symbolic links, outside the "
@@ -46,6 +51,7 @@ def _options(args) -> BuildOptions:
     return BuildOptions(
         device=args.device, batch_size=args.batch_size, workers=max(0, args.workers), shard_size=args.shard_size,
         store=args.store, keep=args.keep, max_pixels=args.max_pixels, exact_limit=args.exact_limit,
+        compress_limit=args.compress_limit,
         texts=args.texts, progress=not args.no_progress, allow_outside_root=args.allow_outside_root,
     )
 

@@ -27,7 +27,7 @@ from model import DeviceError, load_model, resolve_device
 from .encode import EncodeOptions, encode_shard
 from .errors import BuildError
 from .gallery import NOT_AN_IMAGE, Item, Skipped, Text, read_gallery, read_texts
-from .version import EXACT_LIMIT, copy_codebooks, read_jsonl, train_store, write_segment, write_version
+from .version import COMPRESS_LIMIT, EXACT_LIMIT, copy_codebooks, read_jsonl, train_store, write_segment, write_version
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +44,7 @@ class BuildOptions:
     keep: int = 3
     max_pixels: int = 89_478_485
     exact_limit: int = EXACT_LIMIT
+    compress_limit: int = COMPRESS_LIMIT  # compressed (IVF-PQ) FAISS indices above this many vectors
     texts: str | None = None
     progress: bool = True
     allow_outside_root: bool = False  # accept gallery paths resolving outside the folder / the manifest's folder
@@ -200,7 +201,7 @@ def build(gallery: str | Path, model_path: str, out: str | Path, opts: BuildOpti
         manifest["timings"] = {"scan_s": round(scan_s, 3), "encode_s": round(encode_s, 3)}
         manifest.update(counts)
         rows = gallery_rows(0, seg_info["images"]), gallery_rows(0, seg_info["captions"])
-        version = write_version(root, [segment], *rows, manifest, opts.keep, opts.exact_limit)
+        version = write_version(root, [segment], *rows, manifest, opts.keep, opts.exact_limit, opts.compress_limit)
         _discard_staging(root, key)
     _log_skipped(all_skipped)
     return BuildResult(version, n_ok, seg_info["captions"], all_skipped, counts["resumed_shards"],
@@ -285,7 +286,8 @@ def add(gallery: str | Path, model_path: str, out: str | Path, opts: BuildOption
         new_manifest = write_manifest(info, model_path, spec, opts, all_skipped, "add", manifest["version"])
         new_manifest.update(counts)
         version = write_version(
-            root, [*manifest["segments"], segment], image_rows, caption_rows, new_manifest, opts.keep, opts.exact_limit
+            root, [*manifest["segments"], segment], image_rows, caption_rows, new_manifest, opts.keep, opts.exact_limit,
+            opts.compress_limit,
         )
         _discard_staging(root, key)
     _log_skipped(all_skipped)
@@ -334,6 +336,7 @@ def remove(ids: list[str], out: str | Path, keep: int = 3) -> BuildResult:
         version = write_version(
             root, manifest["segments"], image_rows[keep_img], caption_rows[keep_cap], new_manifest, keep,
             manifest["options"].get("exact_limit", EXACT_LIMIT),
+            manifest["options"].get("compress_limit", COMPRESS_LIMIT),
         )
     return BuildResult(version, 0, 0, skipped, 0, 0, round(time.perf_counter() - started, 3), sorted(found))
 

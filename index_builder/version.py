@@ -26,7 +26,19 @@ from index_format import (
 )
 
 logger = logging.getLogger(__name__)
-EXACT_LIMIT = 50_000  # galleries up to this many vectors get an exact (flat) FAISS index; IVF above
+
+# FAISS tiers by the number of vectors n (one index per kind: images, captions):
+#   n <= exact_limit                  flat inner product, exact
+#   exact_limit < n <= compress_limit IVF-Flat: float32 vectors in sqrt(n)-sized lists (4·d bytes per vector)
+#   n > compress_limit                IVF-PQ: d/8 bytes per vector, re-scored exactly from the segments' own
+#                                     float32 vectors (already stored, memory-mapped), see compressed_params
+# The measurements behind the numbers are in docs/benchmarks.md, "Compressed first stage".
+EXACT_LIMIT = 50_000
+COMPRESS_LIMIT = 1_000_000
+NPROBE = 32  # lists searched per query, IVF tiers (the manifest's ``faiss.nprobe``; the reader applies it)
+PQ_BYTES_PER_DIM = 1 / 8  # PQ code bytes per dimension (96 B at d = 768, 32 B at the demo model's 256)
+REFINE_FACTOR = 4  # the compressed tier returns k·REFINE_FACTOR PQ candidates re-scored exactly to the top k
+ADD_CHUNK = 262_144  # vectors added per call (the compressed tier reads them from the segments chunk by chunk)
 
 
 def _load_shards(shards: list[Path], name: str) -> list[np.ndarray]:
@@ -138,28 +150,118 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line]
 
 
-def build_faiss(vectors: np.ndarray, exact_limit: int = EXACT_LIMIT):
-    """Inner-product index of unit vectors ``[n, G]``: flat (exact) up to ``exact_limit``, IVF-Flat above.
+def _nlist(n: int) -> int:
+    """Inverted lists for ``n`` vectors: the power of two nearest 4·sqrt(n), at most n/39 (FAISS's minimum of
+    training points per centroid), so that a small gallery forced into an IVF tier still trains."""
+    nlist = int(2 ** round(math.log2(4 * math.sqrt(n))))
+    return max(1, min(nlist, n // 39))
 
+
+def compressed_params(n: int, d: int) -> dict:
+    """IVF-PQ parameters for ``n`` vectors of ``d`` dimensions, scaled down for small ``n``.
+
+    ``m`` sub-quantizers (a divisor of ``d``, about ``d·PQ_BYTES_PER_DIM``) of ``nbits`` bits each: 8 bits when
+    the training sample allows it (FAISS wants 39 points per centroid: 9,984 for 2^8), fewer below. The sample
+    is 64 points per list, at least 65,536 (plenty for 256-centroid PQ codebooks), at most ``n``.
+    """
+    nlist = _nlist(n)
+    train = min(n, max(64 * nlist, 65_536))
+    target = max(1, round(d * PQ_BYTES_PER_DIM))
+    m = max(k for k in range(1, target + 1) if d % k == 0)
+    nbits = max(1, min(8, int(math.log2(max(2, train // 39)))))
+    return {"nlist": nlist, "m": m, "nbits": nbits, "train": train, "nprobe": NPROBE, "refine": REFINE_FACTOR}
+
+
+def _to_gpus(index, gpus: int, float16_tables: bool = False):
+    """``index`` cloned to all GPUs, or ``index`` itself when there are none or FAISS cannot clone it."""
+    import faiss
+
+    if not gpus:
+        return index
+    try:
+        if not float16_tables:
+            return faiss.index_cpu_to_all_gpus(index)
+        co = faiss.GpuMultipleClonerOptions()
+        co.useFloat16 = True  # IVF-PQ lookup tables in float16: needed on GPU for many sub-quantizers
+        return faiss.index_cpu_to_all_gpus(index, co=co)
+    except RuntimeError as exc:  # e.g. a sub-quantizer count or code size the GPU kernels lack
+        logger.warning("FAISS GPU clone failed (%s); training on CPU", str(exc).splitlines()[0])
+        return index
+
+
+def build_faiss(vectors, exact_limit: int = EXACT_LIMIT, compress_limit: int = COMPRESS_LIMIT):
+    """Inner-product index of unit vectors ``[n, G]`` and its manifest entry: flat (exact) up to
+    ``exact_limit``, IVF-Flat up to ``compress_limit``, IVF-PQ above (see the tiers above ``EXACT_LIMIT``).
+    ``compress_limit`` comes first: a gallery above it is compressed even when ``exact_limit`` is larger.
+
+    ``vectors`` is an array, or anything with ``shape`` that returns float32 rows for a slice or an index array
+    (``RowVectors``): the compressed tier reads only its training sample and one chunk at a time.
     Trained and filled on GPU when FAISS has GPUs, always returned as a CPU index (loadable anywhere).
     """
     import faiss
 
     n, d = vectors.shape
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    if n <= exact_limit:
+    gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+    rng = np.random.default_rng(0)
+    if n <= compress_limit:
+        vectors = np.ascontiguousarray(vectors[:], dtype=np.float32)
+    if n <= min(exact_limit, compress_limit):
         index = faiss.IndexFlatIP(d)
         index.add(vectors)
-        return index, {"type": "flat-ip", "exact": True}
-    nlist = int(2 ** round(math.log2(4 * math.sqrt(n))))
-    index = faiss.index_factory(d, f"IVF{nlist},Flat", faiss.METRIC_INNER_PRODUCT)
-    gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
-    work = faiss.index_cpu_to_all_gpus(index) if gpus else index
-    rng = np.random.default_rng(0)
-    work.train(vectors[rng.choice(n, min(n, 64 * nlist), replace=False)])
-    work.add(vectors)
-    index = faiss.index_gpu_to_cpu(work) if gpus else work
-    return index, {"type": f"ivf{nlist}-flat-ip", "exact": False, "nlist": nlist, "built_on_gpu": bool(gpus)}
+        return index, {"type": "flat-ip", "exact": True, "bytes_per_vector": 4 * d}
+    if n <= compress_limit:
+        nlist = _nlist(n)
+        index = faiss.index_factory(d, f"IVF{nlist},Flat", faiss.METRIC_INNER_PRODUCT)
+        work = _to_gpus(index, gpus)
+        work.train(vectors[rng.choice(n, min(n, 64 * nlist), replace=False)])
+        work.add(vectors)
+        index = faiss.index_gpu_to_cpu(work) if work is not index else work
+        info = {"type": f"ivf{nlist}-flat-ip", "exact": False, "nlist": nlist, "nprobe": NPROBE}
+        return index, {**info, "bytes_per_vector": 4 * d + 8, "built_on_gpu": work is not index}
+    p = compressed_params(n, d)
+    # "np": no polysemous training (an ordering of the codes for Hamming pre-filtering, which this search does
+    # not use; it was most of the training time)
+    index = faiss.index_factory(d, f"IVF{p['nlist']},PQ{p['m']}x{p['nbits']}np", faiss.METRIC_INNER_PRODUCT)
+    work = _to_gpus(index, gpus, float16_tables=True)
+    started = time.perf_counter()
+    work.train(np.ascontiguousarray(vectors[np.sort(rng.choice(n, p["train"], replace=False))], np.float32))
+    trained = time.perf_counter()
+    for start in range(0, n, ADD_CHUNK):
+        work.add(np.ascontiguousarray(vectors[start : start + ADD_CHUNK], np.float32))
+    index = faiss.index_gpu_to_cpu(work) if work is not index else work
+    info = {
+        "type": f"ivf{p['nlist']}-pq{p['m']}x{p['nbits']}-ip",
+        "exact": False,
+        **{k: p[k] for k in ("nlist", "m", "nbits", "nprobe")},
+        "train_size": p["train"],
+        # PQ candidates per result, re-scored with the float32 vectors the segments store (global.npy)
+        "refine": {"k_factor": p["refine"], "source": "segment global vectors"},
+        "bytes_per_vector": (p["m"] * p["nbits"] + 7) // 8 + 8,  # code + 64-bit id in the inverted lists
+        "built_on_gpu": work is not index,
+        "train_s": round(trained - started, 3),
+        "add_s": round(time.perf_counter() - trained, 3),
+    }
+    return index, info
+
+
+class RowVectors:
+    """The global vectors of version rows ``[(segment, local row)]``, gathered from the segments' memory-mapped
+    ``{kind}.global.npy`` arrays only when indexed (a slice or an index array -> float32 ``[len, G]``)."""
+
+    def __init__(self, arrays: list[np.ndarray], rows: np.ndarray) -> None:
+        self.arrays, self.rows = arrays, rows
+        self.shape = (len(rows), arrays[0].shape[1])
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, which) -> np.ndarray:
+        rows = self.rows[which]
+        out = np.empty((len(rows), self.shape[1]), np.float32)
+        for s in np.unique(rows[:, 0]):
+            mine = rows[:, 0] == s
+            out[mine] = self.arrays[s][rows[mine, 1]]
+        return out
 
 
 def write_version(
@@ -170,6 +272,7 @@ def write_version(
     manifest: dict,
     keep: int,
     exact_limit: int = EXACT_LIMIT,
+    compress_limit: int = COMPRESS_LIMIT,
 ) -> str:
     """Write FAISS, metadata and manifest for ``segments`` restricted to the given rows; publish atomically."""
     import faiss
@@ -187,14 +290,11 @@ def write_version(
             faiss_info[fname] = None
             continue
         globals_ = [np.load(d / f"{kind}.global.npy", mmap_mode="r") for d in seg_dirs]
-        vectors = np.empty((len(rows), globals_[0].shape[1]), np.float32)
-        for s in np.unique(rows[:, 0]):
-            mine = rows[:, 0] == s
-            vectors[mine] = globals_[s][rows[mine, 1]]
-        index, info = build_faiss(vectors, exact_limit)
+        index, info = build_faiss(RowVectors(globals_, rows), exact_limit, compress_limit)
         faiss.write_index(index, str(tmp / f"{fname}.faiss"))
+        info["file_bytes_per_vector"] = round((tmp / f"{fname}.faiss").stat().st_size / len(rows), 1)
         faiss_info[fname] = info
-    faiss_info["nprobe"] = 32
+    faiss_info["nprobe"] = NPROBE  # the IVF tiers' default; an entry's own "nprobe" comes first
     _write_metadata(tmp / "metadata.sqlite", seg_dirs, image_rows, caption_rows)
     manifest = dict(manifest)
     manifest.update(

@@ -97,20 +97,25 @@ class GalleryIndex:
                 f"index {directory}: row tables hold {self.num_images} images / {self.num_captions} captions, "
                 f"manifest says {counts['images']} / {counts['captions']}"
             )
-        self.faiss = {}
+        self.faiss, self.refine = {}, {}
         for kind, count in (("images", self.num_images), ("captions", self.num_captions)):
             path = directory / f"{kind}.faiss"
             if count == 0:
                 continue
+            info = manifest["faiss"].get(kind) or {}
             try:
-                index = faiss.read_index(str(path))
+                # IVF inverted lists stay on disk, memory-mapped (the page cache holds what searches touch)
+                index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP)
             except RuntimeError as exc:
                 reason = str(exc).splitlines()[0]
                 raise IndexFormatError(f"index {directory}: cannot read {path.name}: {reason}") from exc
             if index.ntotal != count:
                 raise IndexFormatError(f"index {directory}: {path.name} holds {index.ntotal} vectors, expected {count}")
-            if hasattr(index, "nprobe"):
-                faiss.extract_index_ivf(index).nprobe = int(manifest["faiss"]["nprobe"])
+            ivf = faiss.try_extract_index_ivf(index)
+            if ivf is not None:
+                ivf.nprobe = int(info.get("nprobe", manifest["faiss"]["nprobe"]))
+            if info.get("refine"):
+                self.refine[kind] = max(1, int(info["refine"]["k_factor"]))
             if gpu and getattr(faiss, "get_num_gpus", lambda: 0)() > 0:
                 index = faiss.index_cpu_to_all_gpus(index)  # same results; the file stays a CPU index
             self.faiss[kind] = index
@@ -128,16 +133,33 @@ class GalleryIndex:
 
         ``k`` is capped at the gallery size. An approximate (IVF) index can find fewer than ``k``: FAISS pads
         with row -1, which a single query's result drops and a batch keeps (callers filter ``rows >= 0``).
+        A compressed index (the manifest's ``refine``) returns ``k_factor · k`` candidates by their PQ scores;
+        these are re-scored with the float32 vectors the segments store, and the best ``k`` returned.
         """
         index = self.faiss.get(kind)
         q = np.ascontiguousarray(np.atleast_2d(vectors), dtype=np.float32)
         if index is None or k <= 0:
             return np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int64)
-        scores, rows = index.search(q, min(k, index.ntotal))
+        k = min(k, index.ntotal)
+        factor = self.refine.get(kind)
+        scores, rows = index.search(q, min(k * factor, index.ntotal) if factor else k)
+        if factor:
+            scores, rows = self._rescore(kind, q, rows, k)
         if len(q) == 1:
             keep = rows[0] >= 0
             return scores[:, keep], rows[:, keep]
         return scores, rows
+
+    def _rescore(self, kind: str, q: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """``rescore`` of the candidates ``rows [B, K']`` with their float32 vectors read from the segments."""
+        table = self.image_rows if kind == "images" else self.caption_rows
+        flat = rows.reshape(-1)
+        picked = np.flatnonzero(flat >= 0)
+        vectors = np.zeros((len(flat), q.shape[1]), np.float32)
+        for seg_index, positions, local in self._by_segment(table, flat[picked]):
+            seg = self.segments[seg_index]
+            vectors[picked[positions.numpy()]] = (seg.image_global if kind == "images" else seg.caption_global)[local]
+        return rescore(q, rows, vectors.reshape(*rows.shape, -1), k)
 
     # ----------------------------------------------------------------------------------------- re-rank
 
@@ -230,6 +252,16 @@ class GalleryIndex:
 
     def close(self) -> None:
         self.db.close()
+
+
+def rescore(q: np.ndarray, rows: np.ndarray, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The best ``k`` of candidates ``rows [B, K']`` (-1: none) by exact inner product of their ``vectors
+    [B, K', G]`` with the queries ``q [B, G]`` -> (scores, rows) ``[B, k]``, best first; ties keep the
+    candidates' order; a missing candidate stays row -1 with score -FLT_MAX (as FAISS pads)."""
+    exact = np.einsum("bkd,bd->bk", vectors, q).astype(np.float32)
+    exact[rows < 0] = np.finfo(np.float32).min
+    order = np.argsort(-exact, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(exact, order, axis=1), np.take_along_axis(rows, order, axis=1)
 
 
 def _image_dict(r) -> dict:
