@@ -96,3 +96,33 @@ def tiny_minilm_config() -> HATConfig:
         global_dim=32,
         text_weights=f"package:{PACKAGE}",
     )
+
+
+# ------------------------------------------------------------------------------------------ Docker tests
+# test_docker.py and test_docker_ray.py build the image once per session and clean up after both.
+
+
+@pytest.fixture(scope="session")
+def docker_engine():
+    """Skips with a loud reason without a Docker engine and Compose v2; at the end of the session removes the
+    images and build cache the tests' rebuilds left (docker_helpers.clean_up_images)."""
+    from docker_helpers import TAGS, clean_up_images, docker_problem, image_id
+
+    problem = docker_problem()
+    if problem:
+        pytest.skip(
+            f"DOCKER ENGINE NOT REACHABLE: {problem}. The docker compose end-to-end tests did not run; "
+            "set up an engine with ../shared/tools/docker-engine.sh (as root) to run them."
+        )
+    before = {tag: image_id(tag) for tag in TAGS}
+    yield
+    clean_up_images(before)
+
+
+@pytest.fixture(scope="session")
+def hat_image(docker_engine) -> str:
+    """``hat-search:latest`` (the CPU image, with the `ray` extra) built from the working tree, once a session."""
+    from docker_helpers import Compose
+
+    Compose("hat-search", 0).build("api")
+    return "hat-search:latest"
