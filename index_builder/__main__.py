@@ -39,6 +39,19 @@ def _common(p: argparse.ArgumentParser) -> None:
         "gallery root: the folder, or the manifest's own folder. Off by default: such inputs are skipped with a "
         "reason. Use it only for a trusted manifest that deliberately points elsewhere.",
     )
+    ray = p.add_argument_group("distributed encoding on Ray (pip install 'hat-search[ray]')")
+    ray.add_argument(
+        "--ray", metavar="ADDRESS",
+        help="encode on a Ray cluster: 'local' starts one inside this command, 'auto' joins the running one "
+        "(RAY_ADDRESS or the local node's), 'ray://HOST:PORT' or 'HOST:PORT' a given one. Same shards, same "
+        "index, same resume as without it; every node must see --gallery, --model and --out at the same paths. "
+        "Default: encode in this process",
+    )
+    ray.add_argument("--ray-actors", type=int, help="encoder actors (default: one per GPU; CPU-only: one per CPU "
+                     "less one kept for decoding)")
+    ray.add_argument("--ray-actor-cpus", type=float, default=1.0, help="CPUs each encoder actor reserves "
+                     "(default 1; fractions allowed)")
+    ray.add_argument("--ray-threads", type=int, help="torch threads of each CPU encoder actor (default: its CPUs)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--report", help="write the result summary as JSON here")
 
@@ -53,6 +66,7 @@ def _options(args) -> BuildOptions:
         store=args.store, keep=args.keep, max_pixels=args.max_pixels, exact_limit=args.exact_limit,
         compress_limit=args.compress_limit,
         texts=args.texts, progress=not args.no_progress, allow_outside_root=args.allow_outside_root,
+        ray=args.ray, ray_actors=args.ray_actors, ray_actor_cpus=args.ray_actor_cpus, ray_threads=args.ray_threads,
     )
 
 

@@ -24,7 +24,7 @@ import numpy as np
 from index_format import IndexRoot, StoreSpec, write_json
 from model import DeviceError, load_model, resolve_device
 
-from .encode import EncodeOptions, encode_shard
+from .encode import EncodeOptions, drop_unfinished, encode_shard, is_committed
 from .errors import BuildError
 from .gallery import NOT_AN_IMAGE, Item, Skipped, Text, read_gallery, read_texts
 from .version import COMPRESS_LIMIT, EXACT_LIMIT, copy_codebooks, read_jsonl, train_store, write_segment, write_version
@@ -49,6 +49,12 @@ class BuildOptions:
     progress: bool = True
     allow_outside_root: bool = False  # accept gallery paths resolving outside the folder / the manifest's folder
     extra: dict = field(default_factory=dict)
+    # Distributed encoding on Ray (index_builder.distributed): None = this process, "local" = a cluster
+    # started inside the command, "auto" / "ray://host:port" / "host:port" = join a running one.
+    ray: str | None = None
+    ray_actors: int | None = None  # encoder actors; default: one per GPU, else one per free CPU
+    ray_actor_cpus: float = 1.0  # CPUs each encoder actor reserves
+    ray_threads: int | None = None  # torch threads per CPU encoder actor; default: its reserved CPUs
 
 
 @dataclass
@@ -115,33 +121,37 @@ def _progress(total: int, enabled: bool, desc: str):
     return tqdm(total=total, desc=desc, unit="img", file=sys.stderr, smoothing=0.1)
 
 
-def _encode_all(root: IndexRoot, key: str, model, items, texts, opts: BuildOptions) -> tuple[list[Path], dict]:
+def _encode_all(root: IndexRoot, key: str, model_path: str, model, items, texts, opts: BuildOptions
+                ) -> tuple[list[Path], dict]:
     """Encode ``items`` in shards under ``staging/key``; committed shards from an earlier run are reused."""
     staging = root.staging / key
     staging.mkdir(parents=True, exist_ok=True)
+    drop_unfinished(staging)
+    plan = shard_plan(len(items), opts.shard_size)
+    shards = [staging / f"shard-{i:05d}" for i in range(len(plan))]
+    todo = [i for i, shard in enumerate(shards) if not is_committed(shard)]
+    counts = {"resumed_shards": len(shards) - len(todo), "encoded_shards": len(todo)}
+    if opts.ray:
+        from .distributed import encode_shards
+
+        ran = encode_shards(opts.ray, model_path, model, items, texts, plan, todo, shards, opts)
+        counts["engine"] = {"ray": opts.ray, **ran}
+        return shards, counts
     enc = EncodeOptions(opts.batch_size, opts.workers, opts.max_pixels)
-    n_shards = max(1, -(-len(items) // opts.shard_size))
-    shards, resumed, encoded = [], 0, 0
-    todo = sum(
-        len(items[i * opts.shard_size : (i + 1) * opts.shard_size])
-        for i in range(n_shards)
-        if not (staging / f"shard-{i:05d}").is_dir()
-    )
-    bar = _progress(todo, opts.progress, "encoding")
+    bar = _progress(sum(plan[i][1] - plan[i][0] for i in todo), opts.progress, "encoding")
     try:
-        for i in range(n_shards):
-            out = staging / f"shard-{i:05d}"
-            if out.is_dir() and (out / "shard.json").is_file():
-                resumed += 1
-            else:
-                part = items[i * opts.shard_size : (i + 1) * opts.shard_size]
-                encode_shard(model, part, texts if i == 0 else [], out, enc, bar)
-                encoded += 1
-            shards.append(out)
+        for i in todo:
+            start, end = plan[i]
+            encode_shard(model, items[start:end], texts if i == 0 else [], shards[i], enc, bar)
     finally:
         if bar is not None:
             bar.close()
-    return shards, {"resumed_shards": resumed, "encoded_shards": encoded}
+    return shards, counts
+
+
+def shard_plan(n_items: int, shard_size: int) -> list[tuple[int, int]]:
+    """``[start, end)`` of every shard; an empty gallery still has one (empty) shard for the text corpus."""
+    return [(i, min(i + shard_size, n_items)) for i in range(0, max(n_items, 1), shard_size)]
 
 
 def _clean_leftovers(root: IndexRoot) -> None:
@@ -186,7 +196,7 @@ def build(gallery: str | Path, model_path: str, out: str | Path, opts: BuildOpti
         _clean_leftovers(root)
         key = "build-" + _listing_hash(items, texts, model, opts, "build")
         scan_s = time.perf_counter() - started
-        shards, counts = _encode_all(root, key, model, items, texts, opts)
+        shards, counts = _encode_all(root, key, model_path, model, items, texts, opts)
         encode_s = time.perf_counter() - started - scan_s
         all_skipped = [s.to_dict() for s in skipped] + _skipped_of(shards)
         info = model_info(model)
@@ -215,7 +225,7 @@ def gallery_rows(segment: int, n: int) -> np.ndarray:
 
 def write_manifest(info, model_path, spec, opts, skipped, operation, parent) -> dict:
     """The version manifest's body (model identity and sizes, store, options, skip list, lineage)."""
-    options = {k: v for k, v in asdict(opts).items() if k not in ("progress", "extra")}
+    options = {k: v for k, v in asdict(opts).items() if k not in ("progress", "extra") and not k.startswith("ray")}
     return {
         "model": {**info, "source": str(model_path)},
         "store": spec.label(),
@@ -272,7 +282,7 @@ def add(gallery: str | Path, model_path: str, out: str | Path, opts: BuildOption
             _log_skipped(all_skipped)
             return BuildResult(None, 0, 0, all_skipped, 0, 0, round(time.perf_counter() - started, 3))
         key = f"add-{manifest['version']}-" + _listing_hash(new, texts_new, model, opts, "add")
-        shards, counts = _encode_all(root, key, model, new, texts_new, opts)
+        shards, counts = _encode_all(root, key, model_path, model, new, texts_new, opts)
         all_skipped += _skipped_of(shards)
         info = model_info(model)
         books = copy_codebooks(root.segments / manifest["segments"][-1], {}, info["levels"])
