@@ -47,11 +47,11 @@ def _common(p: argparse.ArgumentParser) -> None:
         "index, same resume as without it; every node must see --gallery, --model and --out at the same paths. "
         "Default: encode in this process",
     )
-    ray.add_argument("--ray-actors", type=int, help="encoder actors (default: one per GPU; CPU-only: one per CPU "
-                     "less one kept for decoding)")
-    ray.add_argument("--ray-actor-cpus", type=float, default=1.0, help="CPUs each encoder actor reserves "
-                     "(default 1; fractions allowed)")
-    ray.add_argument("--ray-threads", type=int, help="torch threads of each CPU encoder actor (default: its CPUs)")
+    ray.add_argument("--ray-actors", type=int, help="encoder actors (default: one per GPU; CPU-only: one per CPU)")
+    ray.add_argument("--ray-actor-cpus", type=float, help="CPUs each encoder actor reserves (default: 1 with GPUs; "
+                     "CPU-only 0.5, leaving half the CPUs to decoding; given: one CPU is kept for decoding)")
+    ray.add_argument("--ray-threads", type=int, help="torch threads of each CPU encoder actor (default: its "
+                     "reserved CPUs, at least 1)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--report", help="write the result summary as JSON here")
 

@@ -52,8 +52,8 @@ class BuildOptions:
     # Distributed encoding on Ray (index_builder.distributed): None = this process, "local" = a cluster
     # started inside the command, "auto" / "ray://host:port" / "host:port" = join a running one.
     ray: str | None = None
-    ray_actors: int | None = None  # encoder actors; default: one per GPU, else one per free CPU
-    ray_actor_cpus: float = 1.0  # CPUs each encoder actor reserves
+    ray_actors: int | None = None  # encoder actors; default: one per GPU, else one per CPU
+    ray_actor_cpus: float | None = None  # CPUs each encoder actor reserves; default: 1 with GPUs, else 0.5
     ray_threads: int | None = None  # torch threads per CPU encoder actor; default: its reserved CPUs
 
 

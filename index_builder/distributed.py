@@ -73,25 +73,31 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
 def pool_shape(opts, cluster: dict) -> dict:
     """Encoder actors and their resources, from the flags or the cluster's resources.
 
-    GPUs (unless ``--device cpu``): one actor per GPU. CPU only: one actor per CPU, keeping one CPU free for
-    the decoding tasks; each actor runs ``--ray-threads`` torch threads (default: the CPUs it reserves).
+    GPUs (unless ``--device cpu``): one actor per GPU. CPU only, by default: one single-threaded actor per CPU,
+    each reserving half a CPU, so that the other half of the cluster's CPUs run the decoding tasks (measured
+    on 2 cores: two 1-thread actors encode as fast as one process, one 2-thread actor 30% slower;
+    docs/benchmarks.md). ``--ray-actor-cpus C``: actors reserve C CPUs each, one CPU is kept for decoding,
+    and each runs ``--ray-threads`` torch threads (default: C).
     """
     gpus = int(cluster.get("GPU", 0))
     cpus = float(cluster.get("CPU", 1))
-    actor_cpus = opts.ray_actor_cpus
-    if actor_cpus <= 0:
+    if opts.ray_actor_cpus is not None and opts.ray_actor_cpus <= 0:
         raise BuildError("--ray-actor-cpus must be above 0")
     if gpus and opts.device != "cpu":
-        actors = opts.ray_actors or gpus
-        return {"actors": actors, "num_gpus": 1, "num_cpus": actor_cpus, "threads": opts.ray_threads or 1,
-                "device": "cuda"}
+        return {"actors": opts.ray_actors or gpus, "num_gpus": 1, "num_cpus": opts.ray_actor_cpus or 1.0,
+                "threads": opts.ray_threads or 1, "device": "cuda"}
     if opts.device not in ("auto", "cpu"):
         raise BuildError(f"--device {opts.device}: the Ray cluster has no GPUs")
-    actors = opts.ray_actors or max(1, int((cpus - 1) // actor_cpus))
+    if opts.ray_actor_cpus is None:
+        actor_cpus = 0.5
+        actors = opts.ray_actors or max(1, int(cpus))
+    else:
+        actor_cpus = opts.ray_actor_cpus
+        actors = opts.ray_actors or max(1, int((cpus - 1) // actor_cpus))
     if actors * actor_cpus + 1 > cpus:
         raise BuildError(
             f"{actors} encoder actors × {actor_cpus:g} CPUs leave no CPU for decoding on a cluster of {cpus:g} "
-            "CPUs: use fewer --ray-actors or a fractional --ray-actor-cpus (e.g. 0.5)"
+            "CPUs: use fewer --ray-actors or a smaller --ray-actor-cpus (e.g. 0.5)"
         )
     return {"actors": actors, "num_gpus": 0, "num_cpus": actor_cpus,
             "threads": opts.ray_threads or max(1, int(actor_cpus)), "device": "cpu"}

@@ -1,6 +1,6 @@
 """The build on Ray (``--ray``): the same index as one process, bit for bit, and the same resume.
 
-A local Ray cluster is started by the tests (three logical CPUs: two encoder actors and one decoding slot)
+A local Ray cluster is started by the tests (two logical CPUs: two encoder actors of half a CPU, one decoding slot)
 and stopped at the end of the module; the kill tests in ``test_distributed_kill.py`` start their own.
 """
 
@@ -21,7 +21,7 @@ ray = pytest.importorskip("ray", reason="the Ray extra is not installed (pip ins
 def cluster():
     import logging
 
-    ray.init(address="local", num_cpus=3, include_dashboard=False, logging_level=logging.WARNING)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
     yield ray.cluster_resources()
     ray.shutdown()
 
@@ -115,15 +115,19 @@ def test_resume_crosses_engines(cluster, world, tmp_path):
 def test_pool_shape_from_cluster_resources():
     from index_builder.distributed import pool_shape
 
-    cpu = pool_shape(_opts(), {"CPU": 8.0})
-    assert cpu == {"actors": 7, "num_gpus": 0, "num_cpus": 1.0, "threads": 1, "device": "cpu"}
-    assert pool_shape(_opts(ray_actor_cpus=2.0), {"CPU": 8.0})["actors"] == 3
+    cpu = pool_shape(_opts(), {"CPU": 8.0})  # one 1-thread actor per CPU, half a CPU reserved each
+    assert cpu == {"actors": 8, "num_gpus": 0, "num_cpus": 0.5, "threads": 1, "device": "cpu"}
+    assert pool_shape(_opts(), {"CPU": 2.0})["actors"] == 2
+    assert pool_shape(_opts(ray_actor_cpus=2.0), {"CPU": 8.0})["actors"] == 3  # given: one CPU kept for decoding
     assert pool_shape(_opts(ray_actor_cpus=2.0), {"CPU": 8.0})["threads"] == 2
     gpu = pool_shape(BuildOptions(), {"CPU": 16.0, "GPU": 4.0})
     assert gpu["actors"] == 4 and gpu["num_gpus"] == 1 and gpu["device"] == "cuda"
     assert pool_shape(BuildOptions(device="cpu"), {"CPU": 16.0, "GPU": 4.0})["device"] == "cpu"
     with pytest.raises(BuildError, match="no CPU for decoding"):
-        pool_shape(_opts(ray_actors=2), {"CPU": 2.0})
-    assert pool_shape(_opts(ray_actors=2, ray_actor_cpus=0.5), {"CPU": 2.0})["actors"] == 2
+        pool_shape(_opts(ray_actors=2, ray_actor_cpus=1.0), {"CPU": 2.0})
+    with pytest.raises(BuildError, match="no CPU for decoding"):
+        pool_shape(_opts(ray_actors=4), {"CPU": 2.0})
+    with pytest.raises(BuildError, match="above 0"):
+        pool_shape(_opts(ray_actor_cpus=0.0), {"CPU": 2.0})
     with pytest.raises(BuildError, match="no GPUs"):
         pool_shape(BuildOptions(device="cuda"), {"CPU": 2.0})
