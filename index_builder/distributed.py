@@ -18,11 +18,12 @@ at the same paths (a shared volume or file system): the actors write the shards 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
-import pickle
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -105,11 +106,11 @@ def pool_shape(opts, cluster: dict) -> dict:
 
 def decode(row: dict, image_size: int, max_pixels: int) -> dict:
     """Ray Data task: one shard's images -> pixels of those that decode, reasons for those that do not."""
-    items: list[Item] = pickle.loads(row["items"])
+    items = [Item(**d) for d in json.loads(row["items"])]
     positions, pixels, failures = decode_items(items, image_size, max_pixels)
     if pixels is None:
         pixels = np.zeros((0, 3, image_size, image_size), np.float32)
-    return {**row, "positions": np.asarray(positions, np.int64), "pixels": pixels, "failures": pickle.dumps(failures)}
+    return {**row, "positions": np.asarray(positions, np.int64), "pixels": pixels, "failures": json.dumps(failures)}
 
 
 class ShardEncoder:
@@ -130,12 +131,12 @@ class ShardEncoder:
     def __call__(self, row: dict) -> dict:
         started = time.perf_counter()
         out = Path(row["out"])
-        items: list[Item] = pickle.loads(row["items"])
-        texts: list[Text] = pickle.loads(row["texts"])
+        items = [Item(**d) for d in json.loads(row["items"])]
+        texts = [Text(**d) for d in json.loads(row["texts"])]
         positions = [int(p) for p in row["positions"]]
         batches = pixel_batches(positions, np.asarray(row["pixels"], np.float32), self.opts.batch_size)
         ok, levels, vectors = encode_pixel_batches(self.model, batches)
-        failures = pickle.loads(row["failures"])
+        failures = {int(k): v for k, v in json.loads(row["failures"]).items()}
         summary = finish_shard(self.model, items, texts, (ok, levels, vectors, failures), out, self.opts, started)
         return {"shard": row["shard"], "images": len(items), "indexed": len(summary["items"]),
                 "node": os.uname().nodename, "pid": os.getpid()}
@@ -161,8 +162,8 @@ def encode_shards(address: str, model_path: str, model, items: list[Item], texts
             {
                 "shard": i,
                 "out": str(Path(shards[i]).absolute()),
-                "items": pickle.dumps(items[plan[i][0]:plan[i][1]]),
-                "texts": pickle.dumps(texts if i == 0 else []),
+                "items": json.dumps([asdict(it) for it in items[plan[i][0]:plan[i][1]]]),
+                "texts": json.dumps([asdict(t) for t in texts] if i == 0 else []),
             }
             for i in todo
         ]
