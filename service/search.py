@@ -80,10 +80,10 @@ def _top(scores: torch.Tensor, k: int) -> np.ndarray:
 def search_texts(
     model, state: IndexState, queries: list[tuple[str, SearchParams]], options: SearchOptions
 ) -> list[dict[str, Any] | Exception]:
-    """Text -> images for a batch of queries: one tokenisation and one encoder forward for all of them, one
-    FAISS search, then each query's own re-rank. Returns one outcome per query, its result or the
-    ``ServiceError`` it alone failed with. ``encode`` and ``first_stage`` in each query's timings are the
-    batch's (shared) stages."""
+    """Text -> images for a batch of queries: one tokenisation and one encoder forward for all of them, then each
+    index part (the index, or each shard of a sharded one) its own FAISS search and re-rank, merged by score.
+    Returns one outcome per query, its result or the ``ServiceError`` it alone failed with. ``encode`` and
+    ``first_stage`` in each query's timings are the batch's (shared) stages."""
     clock = _Clock()
     with torch.inference_mode():
         try:
@@ -93,30 +93,91 @@ def search_texts(
         vectors = model.global_texts(levels, lengths).cpu().numpy().astype(np.float32)
         levels = [t.cpu() for t in levels]
     clock.lap("encode")
-    widest = max(params.candidates for _, params in queries)
-    first_all, rows_all = state.index.search("images", vectors, widest)
-    clock.lap("first_stage")
-    shared, outcomes = clock.ms, []
-    for i, (_, params) in enumerate(queries):
-        length = int(lengths[i])
-        if length <= 2:  # [CLS] and [SEP] only: control or zero-width characters, nothing to search
+    lengths = [int(n) for n in lengths]
+    texts = TextFeatures(vectors, levels, lengths)
+    empty = [n <= 2 for n in lengths]  # [CLS] and [SEP] only: control or zero-width characters, nothing to search
+    params = [p for _, p in queries]
+    per_part = [rank_images(part, state.lock, texts, params, options, model.device, skip=empty)
+                for part in parts_of(state.index)]  # fmt: skip
+    outcomes: list[dict[str, Any] | Exception] = []
+    for i, p in enumerate(params):
+        if empty[i]:
             outcomes.append(ServiceError(422, "empty_query", "query is empty after tokenisation (nothing to search)"))
+            continue
+        answers = [answer[i] for answer in per_part]
+        timings = {"encode": clock.ms["encode"], **_stage_sums(answers)}
+        timings["total"] = round(sum(timings.values()), 3)
+        outcomes.append({"results": merge([a.entries for a in answers], p.k), "timings_ms": timings, "stage": "rerank"})
+    return outcomes
+
+
+@dataclass
+class TextFeatures:
+    """Encoded queries: global vectors ``[B, G]``, per-level tokens ``[B, L, D]`` (CPU) and real lengths."""
+
+    vectors: np.ndarray
+    levels: list[torch.Tensor]
+    lengths: list[int]
+
+
+@dataclass
+class PartAnswer:
+    """One index part's answer to one query: its best entries (score order) and its stage times."""
+
+    entries: list[dict]
+    ms: dict[str, float]
+
+
+def parts_of(index) -> list:
+    """The parts searched one by one: a sharded index's shards, or the index itself."""
+    return list(getattr(index, "parts", None) or [index])
+
+
+def rank_images(part, lock, texts: TextFeatures, params: list[SearchParams], options: SearchOptions, device,
+                skip: list[bool] | None = None) -> list[PartAnswer | None]:
+    """Text -> images on one index part (a whole index or one shard) for a batch of encoded queries: one FAISS
+    search, then each query's HAT re-rank of its candidates; the best ``k`` entries per query (None for a
+    query in ``skip``). This is all a shard does for a query, here or in a shard searcher on Ray."""
+    clock = _Clock()
+    widest = max(p.candidates for p in params)
+    first_all, rows_all = part.search("images", texts.vectors, widest)
+    clock.lap("first_stage")
+    answers: list[PartAnswer | None] = []
+    for i, p in enumerate(params):
+        if skip and skip[i]:
+            answers.append(None)
             continue
         own = _Clock()
         keep = rows_all[i] >= 0  # an approximate index may find fewer than asked
-        first, rows = first_all[i][keep][: params.candidates], rows_all[i][keep][: params.candidates]
+        first, rows = first_all[i][keep][: p.candidates], rows_all[i][keep][: p.candidates]
+        length = texts.lengths[i]
         with torch.inference_mode():
-            query_levels = [t[i : i + 1, :length] for t in levels]
-            scores = state.index.rerank_images(query_levels, length, rows, options.rerank_dtype, device=model.device)
-        best = _top(scores, params.k)
+            query_levels = [t[i : i + 1, :length] for t in texts.levels]
+            scores = part.rerank_images(query_levels, length, rows, options.rerank_dtype, device=device)
+        best = _top(scores, p.k)
         own.lap("rerank")
-        with state.lock:
-            items = state.index.images(rows[best])
-        total = round(shared["encode"] + shared["first_stage"] + own.done()["total"], 3)
-        timings = {"encode": shared["encode"], "first_stage": shared["first_stage"], "rerank": own.ms["rerank"]}
-        outcomes.append({"results": _results(items, scores.numpy()[best], first[best]),
-                         "timings_ms": {**timings, "total": total}, "stage": "rerank"})  # fmt: skip
-    return outcomes
+        with lock:
+            items = part.images(rows[best])
+        answers.append(PartAnswer(_entries(items, scores.numpy()[best], first[best]),
+                                  {"first_stage": clock.ms["first_stage"], "rerank": own.ms["rerank"]}))  # fmt: skip
+    return answers
+
+
+def _stage_sums(answers: list[PartAnswer]) -> dict[str, float]:
+    """Stage times summed over the parts (they run one after another here)."""
+    out: dict[str, float] = {}
+    for a in answers:
+        for stage, ms in a.ms.items():
+            out[stage] = round(out.get(stage, 0.0) + ms, 3)
+    return out
+
+
+def merge(lists: list[list[dict]], k: int) -> list[dict]:
+    """The ``k`` best entries of the parts' lists by score, best first, ranks numbered; equal scores keep the
+    parts' order (then each list's own order), so one part gives exactly its own list."""
+    pooled = [entry for entries in lists for entry in entries]
+    order = sorted(range(len(pooled)), key=lambda j: -pooled[j]["score"])
+    return [{**pooled[j], "rank": rank} for rank, j in enumerate(order[:k], start=1)]
 
 
 # How the decoding boundary's reasons (model.ImageDecodeError.kind) answer a client.
@@ -144,7 +205,8 @@ def search_images(
     model, state: IndexState, uploads: list[tuple[bytes, str, SearchParams]], options: SearchOptions
 ) -> list[dict[str, Any] | Exception]:
     """A batch of image searches: each upload decoded on its own (a bad one fails alone), one encoder forward
-    for all that decoded, then each its own first stage and re-rank. One outcome per upload."""
+    for all that decoded, then each its own first stage and re-rank on every index part, merged by score. One
+    outcome per upload."""
     decoded: dict[int, torch.Tensor] = {}
     outcomes: list[Any] = [None] * len(uploads)  # each set below: the upload's error or its result
     decode_ms: dict[int, float] = {}
@@ -166,43 +228,53 @@ def search_images(
     encode_ms = clock.done()["total"]
     for position, i in enumerate(order):
         _, target, params = uploads[i]
-        own = _Clock()
-        own.ms.update(decode=decode_ms[i], encode=encode_ms)
         vector = vectors[position : position + 1]
+        own_levels = [t[position : position + 1] for t in levels]
+        answers = [
+            rank_captions(part, state.lock, vector, own_levels, params, options, model.device)
+            if target != "image" else match_images(part, state.lock, vector, params)
+            for part in parts_of(state.index)
+        ]  # fmt: skip
+        timings = {"decode": decode_ms[i], "encode": encode_ms, **_stage_sums(answers)}
+        timings["total"] = round(sum(timings.values()), 3)
+        result = {"results": merge([a.entries for a in answers], params.k), "timings_ms": timings}
         if target == "image":
-            outcomes[i] = _image_to_images(state, vector, params, own)
+            result.update(stage="first_stage_only", target="image")
         else:
-            own_levels = [t[position : position + 1] for t in levels]
-            outcomes[i] = _image_to_captions(state, vector, own_levels, params, options, own, model.device)
-        outcomes[i]["timings_ms"]["total"] = round(sum(v for k, v in own.ms.items() if k != "total"), 3)
+            result.update(stage="rerank", target="captions")
+        outcomes[i] = result
     return outcomes
 
 
-def _image_to_captions(state, vector, levels, params: SearchParams, options: SearchOptions, clock: _Clock, device):
-    first, rows = state.index.search("captions", vector, params.candidates)
+def rank_captions(part, lock, vector: np.ndarray, levels: list[torch.Tensor], params: SearchParams,
+                  options: SearchOptions, device) -> PartAnswer:
+    """Image -> captions on one index part: FAISS over the captions' global vectors, then the HAT re-rank of
+    the candidates against the image's levels ``[1, R_l, D]``; the best ``k`` entries."""
+    clock = _Clock()
+    first, rows = part.search("captions", vector, params.candidates)
     first, rows = first[0], rows[0]
     clock.lap("first_stage")
     with torch.inference_mode():
-        scores = state.index.rerank_captions(levels, rows, options.rerank_dtype, device=device)
+        scores = part.rerank_captions(levels, rows, options.rerank_dtype, device=device)
     best = _top(scores, params.k)
     clock.lap("rerank")
-    with state.lock:
-        items = state.index.captions(rows[best])
-    results = _results(items, scores.numpy()[best], first[best])
-    return {"results": results, "timings_ms": clock.done(), "stage": "rerank", "target": "captions"}
+    with lock:
+        items = part.captions(rows[best])
+    return PartAnswer(_entries(items, scores.numpy()[best], first[best]), clock.ms)
 
 
-def _image_to_images(state: IndexState, vector: np.ndarray, params: SearchParams, clock: _Clock) -> dict:
-    first, rows = state.index.search("images", vector, params.k)
+def match_images(part, lock, vector: np.ndarray, params: SearchParams) -> PartAnswer:
+    """Image -> images on one index part by global vector only (there is no image-image HAT score)."""
+    clock = _Clock()
+    first, rows = part.search("images", vector, params.k)
     first, rows = first[0], rows[0]
     clock.lap("first_stage")
-    with state.lock:
-        items = state.index.images(rows)
-    results = _results(items, first, first)
-    return {"results": results, "timings_ms": clock.done(), "stage": "first_stage_only", "target": "image"}
+    with lock:
+        items = part.images(rows)
+    return PartAnswer(_entries(items, first, first), clock.ms)
 
 
-def _results(items: list[dict], scores: np.ndarray, first: np.ndarray) -> list[dict]:
+def _entries(items: list[dict], scores: np.ndarray, first: np.ndarray) -> list[dict]:
     """Response entries, best first, for gallery ``items`` (images, or captions carrying their image id and
     text) with their final and first-stage scores. A caption of the text-only corpus has no image (no URL)."""
     out = []
