@@ -19,6 +19,7 @@ from index_format import (
     IndexRoot,
     PCACodebook,
     StoreSpec,
+    add_strength,
     new_name,
     train_codebooks,
     write_json,
@@ -307,6 +308,7 @@ def write_version(
     )
     manifest.setdefault("timings", {})["index_and_publish_s"] = round(time.perf_counter() - started, 3)
     write_json(tmp / "manifest.json", manifest)
+    add_strength(tmp)  # match strength: score quantiles of true and random caption-image pairs (index_format.strength)
     root.publish(tmp, version, keep)
     return version
 

@@ -8,11 +8,15 @@ The builder (``index_builder``, the writer) and the service both use it through 
   (``write_table`` and ``train_codebooks`` write them: encoder and decoder of one format live together).
 * :func:`compare` / :func:`fingerprint`: which fields of two published indexes differ (``python -m
   index_format compare A B``).
+* Metadata filters (:func:`check_filter`, :func:`require_known`, :class:`FilterError`; an index's
+  ``filters.rows``) and match strength (:class:`StrengthScale`, an index's ``strength``; :func:`add_strength`
+  calibrates a version being written).
 * :class:`IndexFormatError` (a bad index), :class:`BuildError` (a write to the root cannot be done).
 """
 
 from .compare import compare, fingerprint
 from .errors import BuildError, IndexFormatError
+from .filters import FilterError, check_filter, require_known
 from .layout import (
     FORMAT_VERSION,
     INDEX_FORMAT,
@@ -25,6 +29,7 @@ from .layout import (
 )
 from .reader import GalleryIndex, ScoringSpec, open_index
 from .store import STORE_KINDS, PCACodebook, StoreError, StoreSpec, Table, train_codebooks, write_table
+from .strength import StrengthScale, add_strength
 
 __all__ = [
     "FORMAT_VERSION",
@@ -32,6 +37,7 @@ __all__ = [
     "SEGMENT_FORMAT",
     "STORE_KINDS",
     "BuildError",
+    "FilterError",
     "GalleryIndex",
     "IndexFormatError",
     "IndexRoot",
@@ -39,13 +45,17 @@ __all__ = [
     "ScoringSpec",
     "StoreError",
     "StoreSpec",
+    "StrengthScale",
     "Table",
+    "add_strength",
+    "check_filter",
     "close_inherited_locks",
     "compare",
     "fingerprint",
     "fsync_tree",
     "new_name",
     "open_index",
+    "require_known",
     "train_codebooks",
     "write_json",
     "write_table",

@@ -16,11 +16,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model.alignment import hierarchical_similarity
+from model.alignment import LevelAttention, level_attention, level_similarities, sum_levels
 
 from .errors import IndexFormatError
+from .filters import GalleryFilters
 from .layout import FORMAT_VERSION, INDEX_FORMAT, SEGMENT_FORMAT, IndexRoot
+from .selection import search_allowed
 from .store import PCACodebook, StoreError, Table
+from .strength import StrengthScale
 
 
 @dataclass
@@ -123,26 +126,36 @@ class GalleryIndex:
             uri = f"file:{directory / 'metadata.sqlite'}?mode=ro"
             self.db = sqlite3.connect(uri, uri=True, check_same_thread=False)
             self.db.execute("SELECT count(*) FROM images").fetchone()
-        except sqlite3.Error as exc:
+            self.filters = GalleryFilters(self.db, self.num_images, self.num_captions)
+        except (sqlite3.Error, ValueError) as exc:
+            self.db.close()
             raise IndexFormatError(f"index {directory}: cannot read metadata.sqlite ({exc})") from exc
+        self.strength = StrengthScale(manifest.get("strength"), self.num_images, self.num_captions)
 
     # ------------------------------------------------------------------------------------- first stage
 
-    def search(self, kind: str, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(
+        self, kind: str, vectors: np.ndarray, k: int, allowed: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """FAISS inner-product search over ``kind`` ("images" or "captions") -> (scores, rows) ``[B, k]``.
 
         ``k`` is capped at the gallery size. An approximate (IVF) index can find fewer than ``k``: FAISS pads
         with row -1, which a single query's result drops and a batch keeps (callers filter ``rows >= 0``).
         A compressed index (the manifest's ``refine``) returns ``k_factor · k`` candidates by their PQ scores;
         these are re-scored with the float32 vectors the segments store, and the best ``k`` returned.
+        ``allowed`` (sorted rows, e.g. ``filters.rows``) restricts the search to those rows
+        (``selection.search_allowed``): the best ``min(k, len(allowed))`` of them.
         """
         index = self.faiss.get(kind)
         q = np.ascontiguousarray(np.atleast_2d(vectors), dtype=np.float32)
-        if index is None or k <= 0:
+        if index is None or k <= 0 or (allowed is not None and len(allowed) == 0):
             return np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int64)
-        k = min(k, index.ntotal)
+        k = min(k, index.ntotal if allowed is None else len(allowed))
         factor = self.refine.get(kind)
-        scores, rows = index.search(q, min(k * factor, index.ntotal) if factor else k)
+        if allowed is None:
+            scores, rows = index.search(q, min(k * factor, index.ntotal) if factor else k)
+        else:
+            scores, rows = search_allowed(index, q, k, factor, allowed, lambda r: self.global_vectors(kind, r))
         if factor:
             scores, rows = self._rescore(kind, q, rows, k)
         if len(q) == 1:
@@ -152,14 +165,20 @@ class GalleryIndex:
 
     def _rescore(self, kind: str, q: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """``rescore`` of the candidates ``rows [B, K']`` with their float32 vectors read from the segments."""
-        table = self.image_rows if kind == "images" else self.caption_rows
         flat = rows.reshape(-1)
         picked = np.flatnonzero(flat >= 0)
         vectors = np.zeros((len(flat), q.shape[1]), np.float32)
-        for seg_index, positions, local in self._by_segment(table, flat[picked]):
-            seg = self.segments[seg_index]
-            vectors[picked[positions.numpy()]] = (seg.image_global if kind == "images" else seg.caption_global)[local]
+        vectors[picked] = self.global_vectors(kind, flat[picked])
         return rescore(q, rows, vectors.reshape(*rows.shape, -1), k)
+
+    def global_vectors(self, kind: str, rows: np.ndarray) -> np.ndarray:
+        """The first-stage vectors ``[len(rows), G]`` (float32, as the segments store them) of ``kind`` rows."""
+        table = self.image_rows if kind == "images" else self.caption_rows
+        out = np.zeros((len(rows), self.faiss[kind].d), np.float32)
+        for seg_index, positions, local in self._by_segment(table, rows):
+            seg = self.segments[seg_index]
+            out[positions.numpy()] = (seg.image_global if kind == "images" else seg.caption_global)[local]
+        return out
 
     # ----------------------------------------------------------------------------------------- re-rank
 
@@ -170,25 +189,34 @@ class GalleryIndex:
         rows: np.ndarray,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        per_level: bool = False,
     ) -> torch.Tensor:
-        """HAT scores ``[K]`` (CPU float32) of one caption (per level ``[1, L, D]``) against images ``rows [K]``.
+        """HAT scores ``[K]`` (CPU float32) of one caption (per level ``[1, L, D]``) against images ``rows [K]``;
+        ``per_level=True``: the level scores ``[K, levels]`` that sum (in level order) to those scores.
 
         The candidates' features are read on the CPU (memory-mapped) and scored on ``device``.
         """
-        out = torch.empty(len(rows), dtype=torch.float32)
-        lengths = torch.tensor([length], device=device)
-        for seg_index, positions, local in self._by_segment(self.image_rows, rows):
-            seg = self.segments[seg_index]
-            images = [t.rows(local, dtype).to(device) for t in seg.image]
-            norms = [t.norms(local).to(device) for t in seg.image]
-            texts = [
-                t.rotate(x[:, :length].float().cpu()).to(device=device, dtype=dtype)
-                for t, x in zip(seg.image, text_levels, strict=True)
-            ]
-            scores = hierarchical_similarity(
+        out = self.image_level_scores(text_levels, torch.tensor([length]), rows, dtype, device)[:, 0]
+        return out if per_level else sum_levels(out.unbind(dim=1))
+
+    def image_level_scores(
+        self,
+        text_levels: list[torch.Tensor],
+        lengths: torch.Tensor,
+        rows: np.ndarray,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> torch.Tensor:
+        """Level scores ``[K, M, levels]`` (CPU float32) of captions (per level ``[M, L, D]``, ``lengths [M]``)
+        against images ``rows [K]``."""
+        out = torch.empty(len(rows), len(lengths), len(text_levels), dtype=torch.float32)
+        width = int(lengths.max())
+        lengths = lengths.to(device)
+        for positions, images, norms, texts in self._image_features(text_levels, width, rows, dtype, device):
+            scores = level_similarities(
                 images, texts, lengths, self.scoring.lambda_softmax, self.scoring.direction, image_norms=norms
             )
-            out[positions] = scores[:, 0].cpu()
+            out[positions] = torch.stack([s.cpu() for s in scores], dim=2)
         return out
 
     def rerank_captions(
@@ -197,9 +225,67 @@ class GalleryIndex:
         rows: np.ndarray,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        per_level: bool = False,
     ) -> torch.Tensor:
-        """HAT scores ``[K]`` (CPU float32) of one image (per level ``[1, R_l, D]``) against captions ``rows [K]``."""
-        out = torch.empty(len(rows), dtype=torch.float32)
+        """HAT scores ``[K]`` (CPU float32) of one image (per level ``[1, R_l, D]``) against captions ``rows [K]``;
+        ``per_level=True``: the level scores ``[K, levels]``."""
+        out = torch.empty(len(rows), len(image_levels), dtype=torch.float32)
+        for positions, images, texts, lengths in self._caption_features(image_levels, rows, dtype, device):
+            scores = level_similarities(images, texts, lengths, self.scoring.lambda_softmax, self.scoring.direction)
+            out[positions] = torch.stack([s[0].cpu() for s in scores], dim=1)
+        return out if per_level else sum_levels(out.unbind(dim=1))
+
+    def explain_images(
+        self, text_levels: list[torch.Tensor], length: int, rows: np.ndarray, dtype: torch.dtype = torch.float32
+    ) -> list[list[LevelAttention]]:
+        """HAT's cross attention (per level) between one caption and each image of ``rows``, from the features
+        :meth:`rerank_images` scores with ``dtype`` (read and rotated the same way), on the CPU in float32."""
+        out: list = [None] * len(rows)
+        for positions, images, norms, texts in self._image_features(text_levels, length, rows, dtype, "cpu"):
+            for j, position in enumerate(positions.tolist()):
+                out[position] = [
+                    self._attention(x[j], t[0, :length], r[j]) for x, t, r in zip(images, texts, norms, strict=True)
+                ]
+        return out
+
+    def explain_captions(
+        self, image_levels: list[torch.Tensor], rows: np.ndarray, dtype: torch.dtype = torch.float32
+    ) -> list[list[LevelAttention]]:
+        """HAT's cross attention (per level) between one image and each caption of ``rows``, from the features
+        :meth:`rerank_captions` scores with ``dtype``."""
+        out: list = [None] * len(rows)
+        for positions, images, texts, lengths in self._caption_features(image_levels, rows, dtype, "cpu"):
+            for j, position in enumerate(positions.tolist()):
+                n = int(lengths[j])
+                out[position] = [self._attention(x[0], t[j, :n]) for x, t in zip(images, texts, strict=True)]
+        return out
+
+    def caption_tokens(self, row: int) -> tuple[list[torch.Tensor], int]:
+        """The stored token features of caption ``row``: per level ``[1, n, D]`` float32, and ``n``."""
+        ((seg_index, _, local),) = self._by_segment(self.caption_rows, np.array([row]))
+        seg = self.segments[seg_index]
+        start, end = int(seg.offsets[local[0]]), int(seg.offsets[local[0] + 1])
+        return [t.rows(np.arange(start, end))[None] for t in seg.caption], end - start
+
+    def _attention(self, image: torch.Tensor, text: torch.Tensor, norms: torch.Tensor | None = None) -> LevelAttention:
+        return level_attention(image, text, self.scoring.lambda_softmax, self.scoring.direction, norms)
+
+    def _image_features(self, text_levels, length: int, rows: np.ndarray, dtype: torch.dtype, device):
+        """Per segment of the image ``rows``: (their positions in ``rows``, per level image features ``[k, R, D]``
+        and norms ``[k, R]`` as stored, the captions' features ``[M, length, D]`` in the store's frame)."""
+        for seg_index, positions, local in self._by_segment(self.image_rows, rows):
+            seg = self.segments[seg_index]
+            images = [t.rows(local, dtype).to(device) for t in seg.image]
+            norms = [t.norms(local).to(device) for t in seg.image]
+            texts = [
+                t.rotate(x[:, :length].float().cpu()).to(device=device, dtype=dtype)
+                for t, x in zip(seg.image, text_levels, strict=True)
+            ]
+            yield positions, images, norms, texts
+
+    def _caption_features(self, image_levels, rows: np.ndarray, dtype: torch.dtype, device):
+        """Per segment of the caption ``rows``: (their positions in ``rows``, the image's features ``[1, R, D]``
+        in the store's frame, per level caption features ``[k, L, D]`` as stored, lengths ``[k]``)."""
         for seg_index, positions, local in self._by_segment(self.caption_rows, rows):
             seg = self.segments[seg_index]
             starts, ends = seg.offsets[local], seg.offsets[local + 1]
@@ -212,12 +298,7 @@ class GalleryIndex:
                 t.rotate(x.float().cpu()).to(device=device, dtype=dtype)
                 for t, x in zip(seg.caption, image_levels, strict=True)
             ]
-            lengths = lengths.to(device)
-            scores = hierarchical_similarity(
-                images, texts, lengths, self.scoring.lambda_softmax, self.scoring.direction
-            )
-            out[positions] = scores[0].cpu()
-        return out
+            yield positions, images, texts, lengths.to(device)
 
     @staticmethod
     def _by_segment(table: np.ndarray, rows: np.ndarray):

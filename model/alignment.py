@@ -25,6 +25,7 @@ in float32. Work is split into chunks of image-caption pairs so that peak memory
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -268,6 +269,31 @@ def scan(
     raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
 
 
+def level_similarities(
+    image_levels: Sequence[torch.Tensor], text_levels: Sequence[torch.Tensor], text_lengths, lambda_softmax=9.0,
+    direction="i2t", *, image_norms: Sequence[torch.Tensor] | None = None, chunk_elements=DEFAULT_CHUNK_ELEMENTS,
+) -> list[torch.Tensor]:  # fmt: skip
+    """The per-level SCAN scores that HAT sums: one ``[N, M]`` float32 tensor per level, fine to coarse.
+
+    Arguments as :func:`hierarchical_similarity`.
+    """
+    if len(image_levels) != len(text_levels) or not image_levels:
+        raise ValueError(f"need the same non-zero number of levels, got {len(image_levels)} and {len(text_levels)}")
+    scores = []
+    for level, (img, txt) in enumerate(zip(image_levels, text_levels, strict=True)):
+        extra = {"image_norms": image_norms[level]} if (image_norms is not None and direction == "i2t") else {}
+        scores.append(scan(img, txt, text_lengths, lambda_softmax, direction, chunk_elements=chunk_elements, **extra))
+    return scores
+
+
+def sum_levels(scores: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The sum of per-level scores, added in level order (the order :func:`hierarchical_similarity` uses)."""
+    total = scores[0]
+    for score in scores[1:]:
+        total = total + score
+    return total
+
+
 def hierarchical_similarity(
     image_levels: Sequence[torch.Tensor],
     text_levels: Sequence[torch.Tensor],
@@ -289,11 +315,51 @@ def hierarchical_similarity(
     Returns:
         ``[N, M]`` float32.
     """
-    if len(image_levels) != len(text_levels) or not image_levels:
-        raise ValueError(f"need the same non-zero number of levels, got {len(image_levels)} and {len(text_levels)}")
-    total = None
-    for level, (img, txt) in enumerate(zip(image_levels, text_levels, strict=True)):
-        extra = {"image_norms": image_norms[level]} if (image_norms is not None and direction == "i2t") else {}
-        score = scan(img, txt, text_lengths, lambda_softmax, direction, chunk_elements=chunk_elements, **extra)
-        total = score if total is None else total + score
-    return total
+    levels = (image_levels, text_levels, text_lengths, lambda_softmax, direction)
+    return sum_levels(level_similarities(*levels, image_norms=image_norms, chunk_elements=chunk_elements))
+
+
+class LevelAttention(NamedTuple):
+    """One image-caption pair's cross attention at one level (:func:`level_attention`).
+
+    ``weights``: the softmax weights exactly as the score uses them: i2t ``[R, n]`` (each region's weights over
+    the words sum to 1), t2i ``[n, R]`` (each word's weights over the regions sum to 1).
+    ``word_maps``: ``[n, R]``, for each word a distribution over the regions: t2i the weights themselves; i2t
+    the word's column of the weights divided by its sum over the regions (the share of the attention the word
+    receives that comes from each region).
+    ``score``: the level's SCAN score recomputed from ``weights`` (float32).
+    """
+
+    weights: torch.Tensor
+    word_maps: torch.Tensor
+    score: float
+
+
+def level_attention(
+    image: torch.Tensor,
+    text: torch.Tensor,
+    lambda_softmax: float = 9.0,
+    direction: str = "i2t",
+    image_norms: torch.Tensor | None = None,
+) -> LevelAttention:
+    """HAT's cross attention between one image's regions ``[R, D]`` and one caption's valid tokens ``[n, D]``
+    (``[CLS]`` and ``[SEP]`` included), in float32: the weights of steps 1-3 of the module docstring and the
+    score of step 4 computed from them, with the attended context formed explicitly. ``image_norms [R]``: the
+    region norms the i2t score divides by, when cached (as :func:`scan_i2t` takes them)."""
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+    x, t = image.float(), text.float()
+    act = F.leaky_relu(t @ x.T, LEAKY_SLOPE)  # [n, R]
+    if direction == "i2t":
+        act = act / (torch.linalg.vector_norm(act, dim=1, keepdim=True) + EPS)  # over the regions, per word
+        weights = torch.softmax(lambda_softmax * act.T, dim=1)  # [R, n], over the words
+        context = weights @ t  # [R, D]
+        norms = region_norms(x[None])[0] if image_norms is None else image_norms.float()
+        score = ((x * context).sum(dim=1) / (norms * context.norm(dim=1)).clamp_min(EPS)).mean()
+        word_maps = weights.T / weights.T.sum(dim=1, keepdim=True).clamp_min(EPS)
+        return LevelAttention(weights, word_maps, float(score))
+    act = act / (torch.linalg.vector_norm(act, dim=0, keepdim=True) + EPS)  # over the words, per region
+    weights = torch.softmax(lambda_softmax * act, dim=1)  # [n, R], over the regions
+    context = weights @ x  # [n, D]
+    score = F.cosine_similarity(t, context, dim=1, eps=EPS).mean()
+    return LevelAttention(weights, weights, float(score))

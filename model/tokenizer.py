@@ -76,6 +76,18 @@ class HATTokenizer:
         mask = torch.tensor([e.attention_mask for e in encodings], dtype=torch.long)
         return TokenBatch(ids, mask, mask.sum(dim=1))
 
+    def spans(self, text: str) -> list[tuple[int, int] | None]:
+        """Where each token of ``text`` comes from, in the order ``__call__`` gives them (truncation included):
+        ``(start, end)`` character offsets into ``text`` for a WordPiece token (``##`` pieces have their own
+        span), None for ``[CLS]`` and ``[SEP]``."""
+        if not isinstance(text, str):
+            raise TokenizerError("text must be a string")
+        encoding = self._tok.encode(text)
+        return [
+            None if special else (int(start), int(end))
+            for (start, end), special in zip(encoding.offsets, encoding.special_tokens_mask, strict=True)
+        ]
+
     def save(self, directory: str | Path) -> None:
         """Copy the vocabulary into ``directory`` (the project's model format)."""
         shutil.copyfile(self.vocab_file, Path(directory) / VOCAB_FILENAME)

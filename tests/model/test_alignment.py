@@ -7,7 +7,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.alignment import hierarchical_similarity, region_norms, scan, scan_i2t, scan_t2i
+from model.alignment import (
+    hierarchical_similarity,
+    level_attention,
+    level_similarities,
+    region_norms,
+    scan,
+    scan_i2t,
+    scan_t2i,
+)
 
 TOL = 1e-5
 
@@ -164,3 +172,35 @@ def test_bad_inputs_are_named(mutate, message):
 def test_unknown_direction():
     with pytest.raises(ValueError, match="direction"):
         scan(*random_inputs(), 9.0, "sideways")
+
+
+@pytest.mark.parametrize("direction", ["i2t", "t2i"])
+def test_level_attention_is_the_scorers(direction):
+    """The weights ``level_attention`` reports are the ones the score uses: written out from the brief's formula
+    they agree, the score recomputed from them equals the vectorised scorer's, and each word's map is a
+    distribution over the regions."""
+    images, texts, lengths = random_inputs(seed=3)
+    n = int(lengths[1])
+    image, text = images[2], texts[1, :n]
+    got = level_attention(image, text, 9.0, direction)
+    s = F.leaky_relu(text @ image.T, 0.1)  # [n, R]
+    if direction == "i2t":
+        s = s / (s.norm(dim=1, keepdim=True) + 1e-8)
+        want = torch.softmax(9.0 * s.T, dim=1)  # [R, n] over words
+        maps = want.T / want.T.sum(dim=1, keepdim=True)
+    else:
+        s = s / (s.norm(dim=0, keepdim=True) + 1e-8)
+        want = maps = torch.softmax(9.0 * s, dim=1)  # [n, R] over regions
+    torch.testing.assert_close(got.weights, want, atol=1e-6, rtol=0)
+    torch.testing.assert_close(got.word_maps, maps, atol=1e-6, rtol=0)
+    torch.testing.assert_close(got.word_maps.sum(dim=1), torch.ones(n), atol=1e-5, rtol=0)
+    scorer = scan(images[2:3], texts[1:2], lengths[1:2], 9.0, direction)
+    assert abs(got.score - float(scorer[0, 0])) < 1e-5
+
+
+def test_level_similarities_sum_to_the_hat_score():
+    images, texts, lengths = random_inputs()
+    levels = [images, images[:, :7] * 2]
+    words = [texts, texts.flip(1)]
+    parts = level_similarities(levels, words, lengths, 9.0, "i2t")
+    assert torch.equal(parts[0] + parts[1], hierarchical_similarity(levels, words, lengths, 9.0, "i2t"))

@@ -55,3 +55,14 @@ def test_ids_outside_model_vocabulary_are_named(golden_model):
     ids = torch.tensor([[101, 5000, 102]])
     with pytest.raises(TokenizerError, match=r"token ids must lie in \[0, 1000\)"):
         golden_model.encode_texts(ids, torch.ones_like(ids))
+
+
+def test_spans_point_into_the_text(tok):
+    text = "A Red Café-bicycling  ünï " + "word " * 40
+    spans = tok.spans(text)
+    assert len(spans) == int(tok([text]).lengths[0]) == 32  # truncated as the batch is
+    assert spans[0] is None and spans[-1] is None  # [CLS], [SEP]
+    words = [text[start:end] for start, end in spans[1:-1]]
+    assert words[:9] == ["A", "Red", "Café", "-", "bi", "cy", "cl", "ing", "ün"]
+    with pytest.raises(TokenizerError):
+        tok.spans(3)
