@@ -84,28 +84,40 @@ def search_texts(
     index part (the index, or each shard of a sharded one) its own FAISS search and re-rank, merged by score.
     Returns one outcome per query, its result or the ``ServiceError`` it alone failed with. ``encode`` and
     ``first_stage`` in each query's timings are the batch's (shared) stages."""
+    texts = encode_texts(model, [query for query, _ in queries])
+    if isinstance(texts, ServiceError):
+        return [texts] * len(queries)
+    params = [p for _, p in queries]
+    per_part = [rank_images(part, state.lock, texts, params, options, model.device) for part in parts_of(state.index)]
+    return answer_texts(texts, params, per_part)
+
+
+def encode_texts(model, queries: list[str]) -> TextFeatures | ServiceError:
+    """The queries through the text encoder in one forward (or the 422 a bad query gives the whole batch)."""
     clock = _Clock()
     with torch.inference_mode():
         try:
-            levels, lengths = model.encode_text_strings([query for query, _ in queries])
+            levels, lengths = model.encode_text_strings(queries)
         except TokenizerError as exc:
-            return [ServiceError(422, "invalid_query", str(exc))] * len(queries)
+            return ServiceError(422, "invalid_query", str(exc))
         vectors = model.global_texts(levels, lengths).cpu().numpy().astype(np.float32)
         levels = [t.cpu() for t in levels]
     clock.lap("encode")
-    lengths = [int(n) for n in lengths]
-    texts = TextFeatures(vectors, levels, lengths)
-    empty = [n <= 2 for n in lengths]  # [CLS] and [SEP] only: control or zero-width characters, nothing to search
-    params = [p for _, p in queries]
-    per_part = [rank_images(part, state.lock, texts, params, options, model.device, skip=empty)
-                for part in parts_of(state.index)]  # fmt: skip
+    return TextFeatures(vectors, levels, [int(n) for n in lengths], clock.ms["encode"])
+
+
+def answer_texts(
+    texts: TextFeatures, params: list[SearchParams], per_part: list[list[PartAnswer | None] | None]
+) -> list[dict[str, Any] | Exception]:
+    """Each query's outcome from the parts' answers (``per_part[part][query]``; a part that could not answer is
+    None and left out): the merged best ``k``, and the stage times (summed over the parts)."""
     outcomes: list[dict[str, Any] | Exception] = []
     for i, p in enumerate(params):
-        if empty[i]:
+        if texts.empty(i):
             outcomes.append(ServiceError(422, "empty_query", "query is empty after tokenisation (nothing to search)"))
             continue
-        answers = [answer[i] for answer in per_part]
-        timings = {"encode": clock.ms["encode"], **_stage_sums(answers)}
+        answers = [answer[i] for answer in per_part if answer is not None]
+        timings = {"encode": texts.encode_ms, **_stage_sums(answers)}
         timings["total"] = round(sum(timings.values()), 3)
         outcomes.append({"results": merge([a.entries for a in answers], p.k), "timings_ms": timings, "stage": "rerank"})
     return outcomes
@@ -118,6 +130,11 @@ class TextFeatures:
     vectors: np.ndarray
     levels: list[torch.Tensor]
     lengths: list[int]
+    encode_ms: float = 0.0
+
+    def empty(self, i: int) -> bool:
+        """[CLS] and [SEP] only: control or zero-width characters, nothing to search."""
+        return self.lengths[i] <= 2
 
 
 @dataclass
@@ -133,18 +150,18 @@ def parts_of(index) -> list:
     return list(getattr(index, "parts", None) or [index])
 
 
-def rank_images(part, lock, texts: TextFeatures, params: list[SearchParams], options: SearchOptions, device,
-                skip: list[bool] | None = None) -> list[PartAnswer | None]:
+def rank_images(part, lock, texts: TextFeatures, params: list[SearchParams], options: SearchOptions, device
+                ) -> list[PartAnswer | None]:
     """Text -> images on one index part (a whole index or one shard) for a batch of encoded queries: one FAISS
-    search, then each query's HAT re-rank of its candidates; the best ``k`` entries per query (None for a
-    query in ``skip``). This is all a shard does for a query, here or in a shard searcher on Ray."""
+    search, then each query's HAT re-rank of its candidates; the best ``k`` entries per query (None for an
+    empty query). This is all a shard does for a query, here or in a shard searcher on Ray."""
     clock = _Clock()
     widest = max(p.candidates for p in params)
     first_all, rows_all = part.search("images", texts.vectors, widest)
     clock.lap("first_stage")
     answers: list[PartAnswer | None] = []
     for i, p in enumerate(params):
-        if skip and skip[i]:
+        if texts.empty(i):
             answers.append(None)
             continue
         own = _Clock()
@@ -207,42 +224,85 @@ def search_images(
     """A batch of image searches: each upload decoded on its own (a bad one fails alone), one encoder forward
     for all that decoded, then each its own first stage and re-rank on every index part, merged by score. One
     outcome per upload."""
-    decoded: dict[int, torch.Tensor] = {}
-    outcomes: list[Any] = [None] * len(uploads)  # each set below: the upload's error or its result
-    decode_ms: dict[int, float] = {}
-    for i, (data, _, _) in enumerate(uploads):
+    images = encode_images(model, [data for data, _, _ in uploads], options.max_image_pixels)
+    asks = [(target, params) for _, target, params in uploads]
+    per_part = [image_answers(part, state.lock, images, asks, options, model.device) for part in parts_of(state.index)]
+    return answer_images(images, asks, per_part)
+
+
+@dataclass
+class ImageFeatures:
+    """Encoded uploads: ``rows[i]`` is upload i's row of ``vectors [B, G]`` and ``levels [B, R_l, D]`` (CPU), or
+    None when it failed (``errors[i]``); decode times per upload, the encoder forward's time."""
+
+    vectors: np.ndarray | None
+    levels: list[torch.Tensor]
+    rows: list[int | None]
+    errors: dict[int, ServiceError]
+    decode_ms: list[float]
+    encode_ms: float
+
+
+def encode_images(model, uploads: list[bytes], max_pixels: int) -> ImageFeatures:
+    """Decode each upload on its own, then one encoder forward for all that decoded."""
+    decoded: list[torch.Tensor] = []
+    rows: list[int | None] = []
+    errors: dict[int, ServiceError] = {}
+    decode_ms: list[float] = []
+    for i, data in enumerate(uploads):
         clock = _Clock()
         try:
-            decoded[i] = decode_image(data, model.config.image.image_size, options.max_image_pixels)
+            decoded.append(decode_image(data, model.config.image.image_size, max_pixels))
+            rows.append(len(decoded) - 1)
         except ServiceError as exc:
-            outcomes[i] = exc
-        decode_ms[i] = clock.done()["total"]
+            errors[i] = exc
+            rows.append(None)
+        decode_ms.append(clock.done()["total"])
     if not decoded:
-        return outcomes
+        return ImageFeatures(None, [], rows, errors, decode_ms, 0.0)
     clock = _Clock()
-    order = sorted(decoded)
     with torch.inference_mode():
-        levels = model.encode_images(torch.cat([decoded[i] for i in order]).to(model.device))
+        levels = model.encode_images(torch.cat(decoded).to(model.device))
         vectors = model.global_images(levels).cpu().numpy().astype(np.float32)
         levels = [t.cpu() for t in levels]
-    encode_ms = clock.done()["total"]
-    for position, i in enumerate(order):
-        _, target, params = uploads[i]
-        vector = vectors[position : position + 1]
-        own_levels = [t[position : position + 1] for t in levels]
-        answers = [
-            rank_captions(part, state.lock, vector, own_levels, params, options, model.device)
-            if target != "image" else match_images(part, state.lock, vector, params)
-            for part in parts_of(state.index)
-        ]  # fmt: skip
-        timings = {"decode": decode_ms[i], "encode": encode_ms, **_stage_sums(answers)}
+    return ImageFeatures(vectors, levels, rows, errors, decode_ms, clock.done()["total"])
+
+
+def image_answers(part, lock, images: ImageFeatures, asks: list[tuple[str, SearchParams]], options: SearchOptions,
+                  device) -> list[PartAnswer | None]:
+    """Each upload's answer from one index part (None for an upload that failed): image -> captions re-ranked,
+    or image -> images by global vector (``target == "image"``)."""
+    out: list[PartAnswer | None] = []
+    for row, (target, params) in zip(images.rows, asks, strict=True):
+        if row is None:
+            out.append(None)
+            continue
+        vector = images.vectors[row : row + 1]
+        if target == "image":
+            out.append(match_images(part, lock, vector, params))
+        else:
+            levels = [t[row : row + 1] for t in images.levels]
+            out.append(rank_captions(part, lock, vector, levels, params, options, device))
+    return out
+
+
+def answer_images(images: ImageFeatures, asks: list[tuple[str, SearchParams]],
+                  per_part: list[list[PartAnswer | None] | None]) -> list[dict[str, Any] | Exception]:
+    """Each upload's outcome: its error, or the parts' answers merged (a part that could not answer is None)."""
+    outcomes: list[dict[str, Any] | Exception] = []
+    for i, (target, params) in enumerate(asks):
+        if i in images.errors:
+            outcomes.append(images.errors[i])
+            continue
+        answers = [answer[i] for answer in per_part if answer is not None]
+        timings = {"decode": images.decode_ms[i], "encode": images.encode_ms, **_stage_sums(answers)}
         timings["total"] = round(sum(timings.values()), 3)
         result = {"results": merge([a.entries for a in answers], params.k), "timings_ms": timings}
         if target == "image":
             result.update(stage="first_stage_only", target="image")
         else:
             result.update(stage="rerank", target="captions")
-        outcomes[i] = result
+        outcomes.append(result)
     return outcomes
 
 
