@@ -1,0 +1,219 @@
+"""``python -m service.cluster``: the HTTP API of ``python -m service`` on Ray Serve, over a sharded root.
+
+A local Ray cluster runs in this process (``service.cluster.deployments.deploy``, the code path of the CLI);
+the CLI itself is started once as a subprocess. Answers are compared with ``python -m service``'s app serving
+the same sharded root: the same per-part code runs in both, so ids and scores agree exactly. Replicas are killed
+for real (``ray.kill``); Ray Serve replaces them.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from service.settings import Settings
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[2]
+TOL = 1e-5
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_ready(url: str, timeout: float = 300) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            r = httpx.get(url + "/readyz", timeout=5)
+            if r.status_code == 200:
+                return r.json()
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"{url} not ready after {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def cluster(world, sharded_root):
+    ray = pytest.importorskip("ray")
+    from ray import serve
+
+    from service.cluster.deployments import deploy
+
+    ray.init(num_cpus=8, include_dashboard=False, logging_level="WARNING")
+    port = _port()
+    settings = Settings(index_root=str(sharded_root), model=str(world["model"]), port=port, reload_interval=0.5,
+                        shard_timeout=3.0, max_upload_bytes=200_000)  # fmt: skip
+    try:
+        deploy(settings, 3, 2)
+        url = f"http://127.0.0.1:{port}"
+        _wait_ready(url)
+        yield url
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def local(start_server, sharded_root):
+    server = start_server(index_root=str(sharded_root), max_upload_bytes=200_000)
+    server.wait_ready()
+    return server.url
+
+
+def _post_text(url: str, query, **extra) -> httpx.Response:
+    return httpx.post(url + "/search/text", json={"query": query, **extra}, timeout=60)
+
+
+def test_same_answers_as_python_m_service(world, cluster, local):
+    for image_id in world["base_ids"][:8]:
+        item = world["items"][image_id]
+        want = _post_text(local, item["captions"][2], k=10, candidates=20).json()
+        got = _post_text(cluster, item["captions"][2], k=10, candidates=20).json()
+        assert got["partial"] is False and got["missing_shards"] == []
+        assert [r["id"] for r in got["results"]] == [r["id"] for r in want["results"]]
+        for a, b in zip(want["results"], got["results"], strict=True):
+            assert abs(a["score"] - b["score"]) <= TOL
+        assert got["index_version"] == want["index_version"]
+        files = {"image": Path(item["image"]).read_bytes()}
+        want = httpx.post(local + "/search/image", files=files, data={"k": "5"}, timeout=60).json()
+        got = httpx.post(cluster + "/search/image", files=files, data={"k": "5"}, timeout=60).json()
+        assert [r["id"] for r in got["results"]] == [r["id"] for r in want["results"]]
+
+
+def test_same_api_errors_page_and_metadata(world, cluster, local):
+    assert _post_text(cluster, "\u200b").json()["error"]["code"] == _post_text(local, "\u200b").json()["error"]["code"]
+    bad = httpx.post(cluster + "/search/image", files={"image": b"not an image"}, timeout=30)
+    assert bad.status_code == 415 and bad.json()["error"]["code"] == "unsupported_image"
+    assert _post_text(cluster, "a red circle", k=0).status_code == 422
+    ready = httpx.get(cluster + "/readyz").json()
+    assert [s["shard"] for s in ready["shards"]] == [0, 1, 2] and all(s["ready"] for s in ready["shards"])
+    assert sum(s["images"] for s in ready["shards"]) == len(world["base_ids"])
+    paths = lambda url: set(httpx.get(url + "/openapi.json").json()["paths"])  # noqa: E731
+    assert paths(cluster) == paths(local)
+    assert httpx.get(cluster + "/").status_code == 200
+    metrics = httpx.get(cluster + "/metrics").text
+    assert "hat_ready 1.0" in metrics and f"hat_index_images {float(len(world['base_ids']))}" in metrics
+    from urllib.parse import quote
+
+    odd = world["odd_id"]
+    r = httpx.get(cluster + "/images/" + quote(odd, safe=""))
+    assert r.status_code == 200 and r.content == Path(world["items"][odd]["image"]).read_bytes()
+
+
+def _replicas(deployment: str) -> list:
+    import ray
+    from ray.util.state import list_actors
+
+    alive = list_actors(filters=[("class_name", "=", f"ServeReplica:hat:{deployment}"), ("state", "=", "ALIVE")])
+    return [ray.get_actor(a.name, namespace="serve") for a in alive]
+
+
+class _Load:
+    def __init__(self, url: str, queries: list[str], clients: int = 4) -> None:
+        self.records: list[tuple[float, int, dict]] = []
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self._run, args=(url, queries, i)) for i in range(clients)]
+
+    def _run(self, url: str, queries: list[str], i: int) -> None:
+        with httpx.Client(base_url=url, timeout=60) as c:
+            n = i
+            while not self.stop.is_set():
+                n += 1
+                try:
+                    r = c.post("/search/text", json={"query": queries[n % len(queries)], "k": 5, "candidates": 20})
+                    self.records.append((time.monotonic(), r.status_code, r.json()))
+                except httpx.HTTPError as exc:
+                    self.records.append((time.monotonic(), -1, {"error": str(exc)}))
+
+    def __enter__(self) -> _Load:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(90)
+
+
+def test_killed_replica_loses_no_request(world, cluster):
+    import ray
+
+    queries = [world["items"][i]["captions"][0] for i in world["base_ids"]]
+    with _Load(cluster, queries) as load:
+        for _ in range(2):
+            time.sleep(3)
+            victims = _replicas("shard-00")
+            assert len(victims) == 2
+            ray.kill(victims[0], no_restart=True)
+        time.sleep(3)
+    statuses = [s for _, s, _ in load.records]
+    assert len(statuses) > 20 and set(statuses) == {200}, {s: statuses.count(s) for s in set(statuses)}
+    assert not any(body["partial"] for _, _, body in load.records)
+    deadline = time.monotonic() + 120
+    while len(_replicas("shard-00")) < 2 and time.monotonic() < deadline:
+        time.sleep(1)
+    assert len(_replicas("shard-00")) == 2  # Ray Serve replaced the killed replicas
+
+
+def test_shard_without_replicas_gives_partial_answers(world, cluster):
+    import ray
+
+    queries = [world["items"][i]["captions"][0] for i in world["base_ids"]]
+    with _Load(cluster, queries) as load:
+        time.sleep(2)
+        killed_at = time.monotonic()
+        for actor in _replicas("shard-01"):
+            ray.kill(actor, no_restart=True)
+        deadline = killed_at + 150
+        recovered = None
+        while time.monotonic() < deadline and recovered is None:
+            time.sleep(1)
+            partial = [t for t, s, b in load.records if t > killed_at and s == 200 and b["partial"]]
+            later = [b for t, s, b in load.records if partial and t > partial[-1] + 1]
+            if partial and len(later) >= 10 and all(not b["partial"] for b in later):
+                recovered = partial[-1] - killed_at
+    after = [(s, b) for t, s, b in load.records if t > killed_at]
+    assert all(s == 200 for s, _ in after), {s for s, _ in after}  # never a 5xx, never a hang
+    flagged = [b for s, b in after if b["partial"]]
+    assert flagged and all(b["missing_shards"] == [1] for b in flagged)
+    assert recovered is not None, "answers did not become whole again"
+    print(f"\nshard 01 down: {len(flagged)} partial answers of {len(after)}, whole again after {recovered:.1f} s")
+
+
+def test_command_line(world, sharded_root, tmp_path):
+    """``python -m service.cluster --ray local`` starts, answers, and stops on SIGTERM; bad input: one line."""
+    bad = subprocess.run([sys.executable, "-m", "service.cluster", "--index", str(tmp_path / "none"),
+                          "--replicas", "0"], cwd=REPO, capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert bad.returncode == 2 and bad.stderr.startswith("error: --replicas must be at least 1")
+    port = _port()
+    env = {**os.environ, "HAT_PORT": str(port), "HAT_MODEL": str(world["model"])}
+    proc = subprocess.Popen([sys.executable, "-m", "service.cluster", "--index", str(sharded_root), "--ray", "local"],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}"
+        _wait_ready(url)
+        query = world["items"][world["base_ids"][0]]["captions"][0]
+        assert len(_post_text(url, query, k=3).json()["results"]) == 3
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0, out[-3000:]
+        assert f"on http://127.0.0.1:{port}/" in out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
