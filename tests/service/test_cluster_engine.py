@@ -1,0 +1,131 @@
+"""``service.cluster.ClusterEngine`` without Ray: its fan-out, merge, retry, deadline and partial answers, with
+stand-ins for the deployment handles that run the real per-shard code on a real sharded index (the Ray paths
+themselves are tests/service/test_cluster.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from index_format import open_index
+from service import search
+from service.cluster import ClusterEngine
+from service.errors import ServiceError
+from service.metrics import Metrics
+from service.search import SearchOptions, SearchParams
+from service.settings import Settings
+
+
+class _Call:
+    """What ``handle.method.remote(...)`` returns: awaitable, cancellable."""
+
+    def __init__(self, coro) -> None:
+        self.coro = coro
+        self.cancelled = False
+
+    def __await__(self):
+        return self.coro.__await__()
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class _Method:
+    def __init__(self, fn) -> None:
+        self.fn = fn
+
+    def remote(self, *args):
+        async def run():
+            return await self.fn(*args)
+
+        return _Call(run())
+
+
+class _Shard:
+    """A shard searcher stand-in: ``behaviour`` is "ok", "dead" (every call fails), "flaky" (the first call
+    fails, as when a replica dies under it) or "hang" (never answers)."""
+
+    def __init__(self, part, behaviour: str = "ok") -> None:
+        self.part, self.behaviour, self.calls = part, behaviour, 0
+        self.lock = threading.Lock()
+        options = SearchOptions.from_settings(Settings())
+        self.rank_images = _Method(self._wrap(lambda t, p: search.rank_images(part, self.lock, t, p, options, "cpu")))
+        self.image_answers = _Method(self._wrap(lambda i, a: search.image_answers(part, self.lock, i, a, options,
+                                                                                    "cpu")))  # fmt: skip
+
+    def _wrap(self, fn):
+        async def call(*args):
+            self.calls += 1
+            if self.behaviour == "dead" or (self.behaviour == "flaky" and self.calls == 1):
+                raise RuntimeError("replica died")
+            if self.behaviour == "hang":
+                await asyncio.sleep(3600)
+            return fn(*args)
+
+        return call
+
+
+class _Encoder:
+    def __init__(self, model) -> None:
+        async def texts(queries):
+            return search.encode_texts(model, queries)
+
+        self.encode_texts = _Method(texts)
+
+
+@pytest.fixture(scope="module")
+def sharded(sharded_root):
+    index = open_index(sharded_root)
+    yield index
+    index.close()
+
+
+def _engine(model, sharded, behaviours, **settings) -> ClusterEngine:
+    shards = [_Shard(part, b) for part, b in zip(sharded.parts, behaviours, strict=True)]
+    return ClusterEngine(Settings(shard_timeout=1.0, **settings), Metrics(), _Encoder(model), shards, "unused")
+
+
+def _search(engine: ClusterEngine, queries: list[str]):
+    params = SearchParams(k=5, candidates=10)
+    return asyncio.run(engine._search("search_texts", [(q, params) for q in queries]))
+
+
+def _local(model, sharded, queries):
+    class State:
+        index, lock = sharded, threading.Lock()
+
+    params = SearchParams(k=5, candidates=10)
+    return search.search_texts(model, State, [(q, params) for q in queries], SearchOptions.from_settings(Settings()))
+
+
+def test_whole_answers_equal_the_local_ones(demo_model, sharded, world):
+    queries = [world["items"][i]["captions"][0] for i in world["base_ids"][:4]] + ["\u200b"]
+    got = _search(_engine(demo_model, sharded, ["ok", "flaky", "ok"]), queries)  # a retry hides one death
+    want = _local(demo_model, sharded, queries)
+    for g, w in zip(got[:4], want[:4], strict=True):
+        assert [r["id"] for r in g["results"]] == [r["id"] for r in w["results"]]
+        assert [r["score"] for r in g["results"]] == [r["score"] for r in w["results"]]
+        assert g["partial"] is False and g["missing_shards"] == [] and g["timings_ms"]["fan_out"] > 0
+    assert isinstance(got[4], ServiceError) and got[4].code == "empty_query"
+
+
+@pytest.mark.parametrize("behaviour", ["dead", "hang"])
+def test_a_missing_shard_gives_flagged_partial_answers(demo_model, sharded, world, behaviour):
+    query = world["items"][world["base_ids"][0]]["captions"][0]
+    engine = _engine(demo_model, sharded, ["ok", behaviour, "ok"])
+    (got,) = _search(engine, [query])
+    assert got["partial"] is True and got["missing_shards"] == [1]
+    others = {m["id"] for p in (sharded.parts[0], sharded.parts[2]) for m in p.images(range(p.num_images))}
+    assert got["results"] and {r["id"] for r in got["results"]} <= others
+    assert engine.searchers[1].calls == (2 if behaviour == "dead" else 1)  # a failure is retried once
+    (refused,) = _search(_engine(demo_model, sharded, ["ok", behaviour, "ok"], partial_results=False), [query])
+    assert isinstance(refused, ServiceError) and refused.status == 503 and refused.code == "shards_unavailable"
+
+
+def test_service_error_crosses_processes():
+    import pickle
+
+    err = pickle.loads(pickle.dumps(ServiceError(422, "invalid_query", "bad", [{"x": 1}])))
+    assert (err.status, err.code, err.message, err.details) == (422, "invalid_query", "bad", [{"x": 1}])
