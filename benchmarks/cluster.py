@@ -19,6 +19,7 @@ this process), and the sharded root with ``service.cluster.deploy`` on a local R
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
 import socket
@@ -195,10 +196,16 @@ class Load:
 
 def replicas(deployment: str) -> list:
     import ray
-    from ray.util.state import list_actors
 
-    alive = list_actors(filters=[("class_name", "=", f"ServeReplica:hat:{deployment}"), ("state", "=", "ALIVE")])
-    return [ray.get_actor(a.name, namespace="serve") for a in alive]
+    # Serve names its replica actors SERVE_REPLICA::<app>#<deployment>#<id>; named actors are listed by the GCS
+    # (ray.util.state would need the dashboard, which these clusters do not run).
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+             if a["namespace"] == "serve" and f"::hat#{deployment}#" in a["name"]]  # fmt: skip
+    alive = []
+    for name in names:
+        with contextlib.suppress(ValueError):  # gone since the listing
+            alive.append(ray.get_actor(name, namespace="serve"))
+    return alive
 
 
 def kill(deployment: str, how_many: int) -> int:

@@ -14,6 +14,7 @@ import sys
 import threading
 
 from index_format import IndexFormatError, read_shards
+from model import CommandParser
 
 from ..settings import Settings, SettingsError
 
@@ -23,11 +24,8 @@ EXAMPLES = """examples:
 """
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m service.cluster", description=__doc__, epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )  # fmt: skip
+def build_parser() -> argparse.ArgumentParser:
+    p = CommandParser(prog="python -m service.cluster", description=__doc__, epilog=EXAMPLES)
     p.add_argument("--index", help="index root, sharded or not (default: HAT_INDEX_ROOT)")
     p.add_argument("--model", help="model path (default: HAT_MODEL)")
     p.add_argument("--ray", default="local", help="'local' starts a Ray cluster in this process, 'auto' joins the "
@@ -35,13 +33,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--replicas", type=int, default=1, help="replicas of each shard's searcher (default: 1)")
     p.add_argument("--replica-cpus", type=float, help="CPUs each searcher replica reserves (default: the cluster's "
                    "CPUs shared by all replicas, the encoder and the ingress, at most 1)")
+    p.add_argument("--spread", action="store_true", help="at most one replica of a shard per node (with "
+                   "--replicas 2 on two nodes, each node holds every shard: either can answer alone)")
     p.add_argument("--host", help="HTTP address (default: HAT_HOST, 127.0.0.1)")
     p.add_argument("--port", type=int, help="HTTP port (default: HAT_PORT, 8000)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         settings = Settings.from_env()
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: --ray {args.ray}: cannot connect to a Ray cluster ({type(exc).__name__}: {exc})",
                   file=sys.stderr)  # fmt: skip
             return 2
-    deploy(settings, shards, args.replicas, args.replica_cpus)
+    deploy(settings, shards, args.replicas, args.replica_cpus, args.spread)
     print(f"serving {settings.index_root} ({shards} shard(s) x {args.replicas} replica(s)) on "
           f"http://{settings.host}:{settings.port}/", flush=True)  # fmt: skip
     stop = threading.Event()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 from pathlib import Path
@@ -96,7 +97,7 @@ class ShardSearcher:
         return {
             "shard": self.shard, "version": index.version, "images": index.num_images,
             "captions": index.num_captions, "identity": index.model_identity, "model": index.manifest["model"],
-            "store": index.manifest.get("store"), "error": None,
+            "store": index.manifest.get("store"), "error": None, "node": socket.gethostname(),
         }  # fmt: skip
 
     def rank_images(self, texts, params):
@@ -128,8 +129,9 @@ class Ingress:
         )
 
 
-def application(values: dict, shards: int, replicas: int, cpus: dict[str, float], gpus: float):
-    """The bound application: ingress, encoder and ``shards`` searcher deployments of ``replicas`` each."""
+def application(values: dict, shards: int, replicas: int, cpus: dict[str, float], gpus: float, spread: bool = False):
+    """The bound application: ingress, encoder and ``shards`` searcher deployments of ``replicas`` each
+    (``spread``: at most one replica of a shard per node)."""
     root = Path(values["index_root"])
     encoder = QueryEncoder.options(
         ray_actor_options={"num_cpus": cpus["encoder"], "num_gpus": gpus}
@@ -137,7 +139,7 @@ def application(values: dict, shards: int, replicas: int, cpus: dict[str, float]
     searchers = [
         ShardSearcher.options(
             name=f"shard-{s:02d}", num_replicas=replicas, ray_actor_options={"num_cpus": cpus["shard"]},
-            max_ongoing_requests=8,
+            max_ongoing_requests=8, max_replicas_per_node=1 if spread else None,
         ).bind(s, str(shard_dir(root, s) if shards > 1 else root), values, max(1.0, cpus["shard"]))
         for s in range(shards)
     ]
@@ -146,14 +148,16 @@ def application(values: dict, shards: int, replicas: int, cpus: dict[str, float]
 
 def plan_resources(total_cpus: float, total_gpus: float, shards: int, replicas: int,
                    replica_cpus: float | None) -> tuple[dict[str, float], float]:
-    """CPUs per deployment replica and the encoder's GPUs: by default every replica gets an equal share of the
-    cluster's CPUs (at most 1), so that all of them fit on the cluster."""
-    share = min(1.0, total_cpus / (shards * replicas + 2))
+    """CPUs per deployment replica and the encoder's GPUs: by default every replica gets an equal share of three
+    quarters of the cluster's CPUs (at most 1): all of them fit, also when ``--spread`` puts a replica of every
+    shard on each of two nodes beside the encoder and the ingress."""
+    share = min(1.0, 0.75 * total_cpus / (shards * replicas + 2))
     shard = replica_cpus if replica_cpus is not None else share
     return {"shard": shard, "encoder": share, "ingress": min(share, 0.5)}, (1.0 if total_gpus >= 1 else 0.0)
 
 
-def deploy(settings: Settings, shards: int, replicas: int, replica_cpus: float | None = None) -> None:
+def deploy(settings: Settings, shards: int, replicas: int, replica_cpus: float | None = None,
+           spread: bool = False) -> None:
     """Start Ray Serve's HTTP proxy on ``settings.host:port`` and run the application on the connected cluster;
     returns once every replica has started."""
     import ray
@@ -162,4 +166,5 @@ def deploy(settings: Settings, shards: int, replicas: int, replica_cpus: float |
     cpus, gpus = plan_resources(resources.get("CPU", 1.0), resources.get("GPU", 0.0), shards, replicas,
                                 replica_cpus)  # fmt: skip
     serve.start(http_options={"host": settings.host, "port": settings.port})
-    serve.run(application(settings.model_dump(), shards, replicas, cpus, gpus), name=APP_NAME, route_prefix="/")
+    app = application(settings.model_dump(), shards, replicas, cpus, gpus, spread)
+    serve.run(app, name=APP_NAME, route_prefix="/")

@@ -89,7 +89,8 @@ class ClusterEngine(Engine):
         for s, info in enumerate(self.shard_infos):
             entry: dict[str, Any] = {"shard": s, "ready": info is not None}
             if info is not None:
-                entry.update(version=info["version"], images=info["images"], captions=info["captions"])
+                entry.update(version=info["version"], images=info["images"], captions=info["captions"],
+                             node=info.get("node"))
             out.append(entry)
         return out
 
