@@ -55,6 +55,8 @@ class BuildOptions:
     ray_actors: int | None = None  # encoder actors; default: one per GPU, else one per CPU
     ray_actor_cpus: float | None = None  # CPUs each encoder actor reserves; default: 1 with GPUs, else 0.5
     ray_threads: int | None = None  # torch threads per CPU encoder actor; default: its reserved CPUs
+    # Shards of the index root (index_format.sharded): None = the root's own count (1 for a new root).
+    shards: int | None = None
 
 
 @dataclass
@@ -183,15 +185,27 @@ def _skipped_of(shards: list[Path]) -> list[dict]:
 
 
 def build(gallery: str | Path, model_path: str, out: str | Path, opts: BuildOptions | None = None) -> BuildResult:
-    """Index ``gallery`` with ``model_path`` into a new version under ``out`` and publish it."""
+    """Index ``gallery`` with ``model_path`` into a new version under ``out`` and publish it (into every shard of
+    a sharded root: ``opts.shards``, or the root's own count)."""
     opts = opts or BuildOptions()
-    spec = StoreSpec.parse(opts.store)
+    StoreSpec.parse(opts.store)
     started = time.perf_counter()
     items, skipped = read_gallery(gallery, opts.allow_outside_root)
     texts, text_skipped = read_texts(opts.texts) if opts.texts else ([], [])
     skipped += text_skipped
     model = _load(model_path, opts.device)
-    root = IndexRoot(out)
+    from .sharding import build_shards, root_shards
+
+    shards = root_shards(out, opts.shards, "build")
+    if shards:
+        return build_shards(items, skipped, texts, model, model_path, out, opts, shards, started)
+    return build_items(items, skipped, texts, model, model_path, IndexRoot(out), opts, started)
+
+
+def build_items(items: list[Item], skipped: list[Skipped], texts: list[Text], model, model_path: str,
+                root: IndexRoot, opts: BuildOptions, started: float) -> BuildResult:
+    """``build`` of a read gallery (``items``, its ``skipped`` inputs, text corpus ``texts``) into ``root``."""
+    spec = StoreSpec.parse(opts.store)
     with root.lock():
         _clean_leftovers(root)
         key = "build-" + _listing_hash(items, texts, model, opts, "build")
@@ -203,7 +217,7 @@ def build(gallery: str | Path, model_path: str, out: str | Path, opts: BuildOpti
         n_ok = sum(len(json.loads((s / "shard.json").read_text())["items"]) for s in shards)
         if n_ok == 0:
             _log_skipped(all_skipped)
-            raise BuildError(f"nothing could be indexed from {gallery}: {len(all_skipped)} inputs skipped")
+            raise BuildError(f"nothing could be indexed into {root.root}: {len(all_skipped)} inputs skipped")
         books = train_store(shards, spec, info["levels"], info["image_tokens"])
         segment = write_segment(root, shards, spec, info, books)
         seg_info = json.loads((root.segments / segment / "segment.json").read_text())
@@ -225,7 +239,8 @@ def gallery_rows(segment: int, n: int) -> np.ndarray:
 
 def write_manifest(info, model_path, spec, opts, skipped, operation, parent) -> dict:
     """The version manifest's body (model identity and sizes, store, options, skip list, lineage)."""
-    options = {k: v for k, v in asdict(opts).items() if k not in ("progress", "extra") and not k.startswith("ray")}
+    left_out = ("progress", "extra", "shards")  # how this run was carried out, not what the index is
+    options = {k: v for k, v in asdict(opts).items() if k not in left_out and not k.startswith("ray")}
     return {
         "model": {**info, "source": str(model_path)},
         "store": spec.label(),
@@ -258,7 +273,8 @@ def _current(root: IndexRoot) -> tuple[Path, dict]:
 
 
 def add(gallery: str | Path, model_path: str, out: str | Path, opts: BuildOptions | None = None) -> BuildResult:
-    """Encode only the items of ``gallery`` whose ids are not indexed yet; publish old + new as a version."""
+    """Encode only the items of ``gallery`` whose ids are not indexed yet; publish old + new as a version (in
+    each shard of a sharded root that gets new items)."""
     opts = opts or BuildOptions()
     started = time.perf_counter()
     root = IndexRoot(out)
@@ -266,6 +282,17 @@ def add(gallery: str | Path, model_path: str, out: str | Path, opts: BuildOption
     texts, text_skipped = read_texts(opts.texts) if opts.texts else ([], [])
     skipped += text_skipped
     model = _load(model_path, opts.device)
+    from .sharding import add_shards, root_shards
+
+    shards = root_shards(out, opts.shards, "add")
+    if shards:
+        return add_shards(items, skipped, texts, model, model_path, out, opts, shards, started)
+    return add_items(items, skipped, texts, model, model_path, root, opts, started)
+
+
+def add_items(items: list[Item], skipped: list[Skipped], texts: list[Text], model, model_path: str,
+              root: IndexRoot, opts: BuildOptions, started: float) -> BuildResult:
+    """``add`` of a read gallery into ``root`` (an ordinary root)."""
     with root.lock():
         _clean_leftovers(root)
         current, manifest = _current(root)
@@ -318,9 +345,19 @@ def _present_ids(root: IndexRoot, manifest: dict) -> dict[str, set[str]]:
 
 
 def remove(ids: list[str], out: str | Path, keep: int = 3) -> BuildResult:
-    """Publish a version without the given image ids (and their captions) or text ids."""
+    """Publish a version without the given image ids (and their captions) or text ids (in each shard of a
+    sharded root that holds some of them)."""
+    from .sharding import remove_shards, root_shards
+
+    shards = root_shards(out, None, "remove")
+    if shards:
+        return remove_shards(ids, out, keep, shards)
+    return remove_ids(ids, IndexRoot(out), keep)
+
+
+def remove_ids(ids: list[str], root: IndexRoot, keep: int = 3) -> BuildResult:
+    """``remove`` on an ordinary root."""
     started = time.perf_counter()
-    root = IndexRoot(out)
     drop = set(ids)
     with root.lock():
         current, manifest = _current(root)

@@ -2,7 +2,8 @@
 
 The builder (``index_builder``, the writer) and the service both use it through this front:
 
-* :func:`open_index` -> :class:`GalleryIndex` (FAISS search, re-rank, metadata).
+* :func:`open_index` -> :class:`GalleryIndex` (FAISS search, re-rank, metadata), or on a sharded root a
+  :class:`ShardedIndex` whose ``parts`` are the shards' indexes (``shard_of`` assigns ids to shards).
 * :class:`IndexRoot`: the on-disk layout of versions and segments, the build lock and the atomic ``current``.
 * :class:`StoreSpec`, :class:`Table`, :class:`PCACodebook`: how token features are stored and decoded
   (``write_table`` and ``train_codebooks`` write them: encoder and decoder of one format live together).
@@ -13,6 +14,8 @@ The builder (``index_builder``, the writer) and the service both use it through 
   calibrates a version being written).
 * :class:`IndexFormatError` (a bad index), :class:`BuildError` (a write to the root cannot be done).
 """
+
+import logging
 
 from .compare import compare, fingerprint
 from .errors import BuildError, IndexFormatError
@@ -28,13 +31,29 @@ from .layout import (
     write_json,
 )
 from .reader import GalleryIndex, ScoringSpec, open_index
+from .sharded import (
+    SHARDS_FILE,
+    ShardedIndex,
+    current_versions,
+    describe,
+    read_shards,
+    shard_dir,
+    shard_of,
+    shard_version,
+)
 from .store import STORE_KINDS, PCACodebook, StoreError, StoreSpec, Table, train_codebooks, write_table
 from .strength import StrengthScale, add_strength
+
+# FAISS logs its instruction-set probing at INFO when first imported ("Loading faiss with AVX512 support",
+# "Could not load library with AVX512 support due to: ..."): noise in the builder's and the service's logs.
+# Both reach faiss through this package, whose modules import it inside functions only, after this line.
+logging.getLogger("faiss.loader").setLevel(logging.WARNING)
 
 __all__ = [
     "FORMAT_VERSION",
     "INDEX_FORMAT",
     "SEGMENT_FORMAT",
+    "SHARDS_FILE",
     "STORE_KINDS",
     "BuildError",
     "FilterError",
@@ -43,6 +62,7 @@ __all__ = [
     "IndexRoot",
     "PCACodebook",
     "ScoringSpec",
+    "ShardedIndex",
     "StoreError",
     "StoreSpec",
     "StrengthScale",
@@ -51,11 +71,17 @@ __all__ = [
     "check_filter",
     "close_inherited_locks",
     "compare",
+    "current_versions",
+    "describe",
     "fingerprint",
     "fsync_tree",
     "new_name",
     "open_index",
+    "read_shards",
     "require_known",
+    "shard_dir",
+    "shard_of",
+    "shard_version",
     "train_codebooks",
     "write_json",
     "write_table",

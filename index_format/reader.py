@@ -22,6 +22,7 @@ from .errors import IndexFormatError
 from .filters import GalleryFilters
 from .layout import FORMAT_VERSION, INDEX_FORMAT, SEGMENT_FORMAT, IndexRoot
 from .selection import search_allowed
+from .sharded import ShardedIndex, read_shards, shard_dir
 from .store import PCACodebook, StoreError, Table
 from .strength import StrengthScale
 
@@ -373,8 +374,11 @@ def _read_manifest(directory: Path) -> dict:
     return manifest
 
 
-def open_index(path: str | Path, expect_identity: str | None = None, gpu: bool = False) -> GalleryIndex:
-    """Open an index root (its ``current`` version) or a version directory.
+def open_index(
+    path: str | Path, expect_identity: str | None = None, gpu: bool = False
+) -> GalleryIndex | ShardedIndex:
+    """Open an index root (its ``current`` version), a version directory, or a sharded root (every shard's
+    ``current``, as one :class:`ShardedIndex` whose ``parts`` are the shards' indexes).
 
     ``gpu=True`` moves the FAISS indices to the GPUs when FAISS was built with GPU support (faiss-gpu).
 
@@ -383,6 +387,9 @@ def open_index(path: str | Path, expect_identity: str | None = None, gpu: bool =
             or (with ``expect_identity``) an index built by a different model.
     """
     path = Path(path)
+    shards = read_shards(path)
+    if shards is not None:
+        return _open_sharded(path, shards, expect_identity, gpu)
     root = IndexRoot(path)
     if (path / "versions").is_dir() or root.current.is_symlink():
         current = root.current_dir()
@@ -399,3 +406,19 @@ def open_index(path: str | Path, expect_identity: str | None = None, gpu: bool =
             "rebuild the index with this model or load the model it was built with"
         )
     return index
+
+
+def _open_sharded(root: Path, shards: int, expect_identity: str | None, gpu: bool) -> ShardedIndex:
+    parts: list[GalleryIndex] = []
+    try:
+        for i in range(shards):
+            directory = shard_dir(root, i)
+            try:
+                parts.append(open_index(directory, expect_identity, gpu))  # type: ignore[arg-type]
+            except IndexFormatError as exc:
+                raise IndexFormatError(f"shard {i:02d} of {root}: {exc}") from exc
+        return ShardedIndex(root, parts)
+    except BaseException:
+        for part in parts:
+            part.close()
+        raise

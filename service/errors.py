@@ -22,6 +22,10 @@ class ServiceError(Exception):
         self.message = message
         self.details = details
 
+    def __reduce__(self):
+        """Pickled as a plain ``ServiceError`` (it crosses processes in ``python -m service.cluster``)."""
+        return (ServiceError, (self.status, self.code, self.message, self.details))
+
 
 class NotReadyError(ServiceError):
     """The model or the index is not loaded (yet); the message says which and why."""

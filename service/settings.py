@@ -120,6 +120,18 @@ class Settings(BaseSettings):
         "`docs/benchmarks.md`) and agrees with `float32` within 3e-2 in the tests.",
     )
     log_level: LogLevel = Field("info", description="Log level of the service and of uvicorn.")
+    shard_timeout: float = Field(
+        5.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="`python -m service.cluster`: seconds a search waits for a shard's answer (a retry on another "
+        "replica included) before answering without it.",
+    )
+    partial_results: bool = Field(
+        True,
+        description="`python -m service.cluster`: a shard with no live replica gives `200` with `\"partial\": "
+        "true` and `\"missing_shards\"`; `false` answers `503` instead.",
+    )
 
     def __init__(self, **values: Any) -> None:
         """Checks every value; raises :class:`SettingsError` naming the variable of the first bad one."""

@@ -13,7 +13,7 @@ import time
 
 import httpx
 import pytest
-from docker_helpers import Compose, compose_project
+from docker_helpers import Compose, compose_project, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -84,3 +84,34 @@ def test_ray_profile_builds_on_two_workers_and_api_serves_it(ray_compose):
         assert found.status_code == 200, found.text
         body = found.json()
         assert body["index_version"] == summary["version"] and len(body["results"]) == 5, body
+
+
+def test_ray_profile_serves_a_sharded_index(ray_compose):
+    """``ray-build`` with ``HAT_SHARDS=2`` into /data/sharded, then ``ray-serve`` (``python -m service.cluster
+    --replicas 2 --spread``): the api's HTTP API on its own port, every shard answered from both workers."""
+    c = ray_compose
+    env = {"HAT_SHARDS": "2", "HAT_BUILD_OUT": "/data/sharded"}
+    done = c.run_job("ray-build", *RAY, timeout=BUILD_JOB_TIMEOUT, env=env)
+    assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["indexed"] == 1000 and summary["version"].startswith("00="), summary
+    port = free_port()
+    started = time.monotonic()
+    c(*RAY, "up", "-d", "ray-serve", timeout=300, env={"HAT_CLUSTER_PUBLISH_PORT": str(port)})
+    c.wait_healthy("ray-serve", READY_TIMEOUT, *RAY)
+    print(f"\nray-serve ready after {time.monotonic() - started:.1f} s")
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
+        ready = http.get("/readyz").json()
+        assert [s["shard"] for s in ready["shards"]] == [0, 1] and all(s["ready"] for s in ready["shards"]), ready
+        assert ready["index_version"] == summary["version"], ready
+        seen: set[str] = set()
+        deadline = time.monotonic() + 60
+        while seen != set(WORKERS) and time.monotonic() < deadline:  # each poll is answered by either replica
+            seen |= {s["node"] for s in http.get("/readyz").json()["shards"]}
+            time.sleep(0.5)
+        assert seen == set(WORKERS), seen
+        found = http.post("/search/text", json={"query": "a red circle left of a blue square", "k": 5})
+        assert found.status_code == 200, found.text
+        body = found.json()
+        assert len(body["results"]) == 5 and body["partial"] is False, body
+    c(*RAY, "stop", "ray-serve", timeout=120, check=False)

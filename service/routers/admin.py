@@ -33,7 +33,10 @@ async def readyz(engine: EngineDep) -> Response:
         body = NotReadyResponse(ready=False, reason=reason, error=error_info("not_ready", reason or "not ready"))
         return JSONResponse(body.model_dump(mode="json", exclude_unset=True), status_code=503)
     ready = ReadyResponse(ready=True, index_version=state.version, model=engine.model.identity)
-    return JSONResponse(ready.model_dump(mode="json"))
+    shards = engine.shard_status()
+    if shards is not None:
+        ready = ready.model_copy(update={"shards": shards})
+    return JSONResponse(ready.model_dump(mode="json", exclude_none=True))
 
 
 @router.get("/metrics", include_in_schema=False)

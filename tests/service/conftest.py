@@ -85,6 +85,15 @@ def _built_index(world, tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def sharded_root(world, tmp_path_factory) -> Path:
+    """The base gallery built with ``--shards 3`` (ROOT/shards/00..02)."""
+    root = tmp_path_factory.mktemp("sharded") / "root"
+    _run_builder("build", "--gallery", str(world["manifests"]["base"]), "--model", str(DEMO_MODEL),
+                 "--out", str(root), "--shards", "3", "--no-progress")  # fmt: skip
+    return root
+
+
 @pytest.fixture(scope="module")
 def index_root(_built_index, tmp_path_factory) -> Path:
     """A module's own index root (40 images, 200 captions), built by ``python -m index_builder build``."""

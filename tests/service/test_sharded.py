@@ -9,6 +9,7 @@ and every score is that id's own HAT score.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -20,17 +21,17 @@ TOL = 1e-5
 
 
 @pytest.fixture(scope="module")
-def sharded_root(world, run_builder, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("sharded") / "root"
-    run_builder("build", "--gallery", str(world["manifests"]["base"]), "--model", str(world["model"]),
-                "--out", str(root), "--shards", "3", "--no-progress")  # fmt: skip
+def sharded_copy(sharded_root, tmp_path_factory) -> Path:
+    """This module's own copy (one test adds to it)."""
+    root = tmp_path_factory.mktemp("sharded-copy") / "root"
+    shutil.copytree(sharded_root, root, symlinks=True, ignore=shutil.ignore_patterns(".lock"))
     return root
 
 
 @pytest.fixture(scope="module")
-def servers(start_server, index_root, sharded_root):
+def servers(start_server, index_root, sharded_copy):
     plain = start_server(index_root=str(index_root), max_k=1000)  # exhaustive answers: every caption
-    sharded = start_server(index_root=str(sharded_root), max_k=1000)
+    sharded = start_server(index_root=str(sharded_copy), max_k=1000)
     plain.wait_ready()
     sharded.wait_ready()
     return plain, sharded
@@ -116,13 +117,13 @@ def test_index_info_and_image_files(world, servers):
         assert r.status_code == 200 and r.content == Path(world["items"][world["odd_id"]]["image"]).read_bytes()
 
 
-def test_a_new_shard_version_is_served(world, servers, sharded_root, run_builder):
+def test_a_new_shard_version_is_served(world, servers, sharded_copy, run_builder):
     """Hot reload: ``add`` publishes new versions of the shards that get new ids; the service picks them up."""
     _, sharded = servers
     extra = [item for i, item in world["items"].items() if i not in set(world["base_ids"])]
     manifest = world["dir"] / "extra.jsonl"  # beside the images (the gallery-root rule)
     manifest.write_text("".join(json.dumps(item) + "\n" for item in extra))
-    proc = run_builder("add", "--gallery", str(manifest), "--model", str(world["model"]), "--out", str(sharded_root),
+    proc = run_builder("add", "--gallery", str(manifest), "--model", str(world["model"]), "--out", str(sharded_copy),
                 "--no-progress")  # fmt: skip
     assert json.loads(proc.stdout)["indexed"] == len(extra)
     new_id = extra[0]["id"]
