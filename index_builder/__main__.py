@@ -1,4 +1,10 @@
-"""Command line: ``python -m index_builder {build,add,remove}`` (the rebuild-index job)."""
+"""Command line: ``python -m index_builder {build,add,remove}`` (the rebuild-index job).
+
+Indexes a gallery (a folder of images, or a JSONL manifest) with a HAT model into ``--out``: FAISS indices of the
+global vectors, the per-level token features for re-ranking, metadata and a manifest, published atomically as
+a new version (``OUT/current``). Bad inputs are skipped with their reasons; a killed build resumes. Prints one
+JSON summary line.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,7 @@ import logging
 import sys
 
 from index_format import StoreSpec
+from model import CommandParser
 
 from .build import BuildOptions, add, build, remove
 from .errors import BuildError, GalleryError
@@ -21,17 +28,17 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="index root (versions, segments, 'current')")
     p.add_argument("--texts", help="optional text-only corpus: JSONL {id, text, metadata} or one text per line")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, help="images encoded per forward pass")
     p.add_argument("--workers", type=int, default=2, help="decoding worker processes (0: in the main process)")
     p.add_argument("--shard-size", type=int, default=1024, help="items per resumable shard")
-    p.add_argument("--store", default="float16", help="feature store: float16, int8 or pca[:BITS] (default float16)")
+    p.add_argument("--store", default="float16", help="re-rank feature store: float16, int8 or pca[:BITS] (pca:3)")
     p.add_argument("--keep", type=int, default=3, help="published versions to keep")
     p.add_argument("--max-pixels", type=int, default=89_478_485, help="decompression-bomb limit per image")
     p.add_argument("--exact-limit", type=int, default=EXACT_LIMIT, help="flat FAISS index up to this many vectors")
     p.add_argument(
         "--compress-limit", type=int, default=COMPRESS_LIMIT,
-        help=f"compressed FAISS index (IVF-PQ, re-scored exactly; memory-mapped by the service) above this many "
-        f"vectors, IVF-Flat between --exact-limit and this (default {COMPRESS_LIMIT:,})",
+        help="compressed FAISS index (IVF-PQ, re-scored exactly; memory-mapped by the service) above this many "
+        "vectors, IVF-Flat between --exact-limit and this",
     )
     p.add_argument(
         "--allow-outside-root", action="store_true",
@@ -52,8 +59,8 @@ def _common(p: argparse.ArgumentParser) -> None:
                      "CPU-only 0.5, leaving half the CPUs to decoding; given: one CPU is kept for decoding)")
     ray.add_argument("--ray-threads", type=int, help="torch threads of each CPU encoder actor (default: its "
                      "reserved CPUs, at least 1)")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--report", help="write the result summary as JSON here")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    p.add_argument("--report", help="write the full result, every skipped input included, as JSON here (default: none)")
 
 
 def _options(args) -> BuildOptions:
@@ -70,16 +77,43 @@ def _options(args) -> BuildOptions:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m index_builder", description=__doc__)
+EXAMPLES = {
+    "build": (
+        "python -m index_builder build --gallery data/demo-gallery/manifest.jsonl --model models/demo \\\n"
+        "    --out indexes/demo",
+        "python -m index_builder build --gallery ~/photos --model models/demo --out indexes/photos --store pca:3",
+    ),
+    "add": ("python -m index_builder add --gallery ~/new-photos --model models/demo --out indexes/photos",),
+    "remove": (
+        "python -m index_builder remove --out indexes/photos 2024/IMG_0001.jpg 2024/IMG_0002.jpg",
+        "python -m index_builder remove --out indexes/photos --ids-file unwanted.txt",
+    ),
+}
+DESCRIPTIONS = {
+    "build": "Indexes a whole gallery into a new version of --out (resuming a killed build with the same arguments).",
+    "add": "Indexes only the items whose ids the current version lacks, as a new segment, and publishes a new version.",
+    "remove": "Publishes a version of --out without the given image or text ids (segments stay, unlisted).",
+}
+
+
+def build_parser() -> CommandParser:
+    """The command line: ``build``, ``add`` (the same options) and ``remove``."""
+    examples = [EXAMPLES["build"][0], EXAMPLES["add"][0], EXAMPLES["remove"][0]]
+    parser = CommandParser(prog="python -m index_builder", description=__doc__, examples=examples)
     sub = parser.add_subparsers(dest="command", required=True)
-    _common(sub.add_parser("build", help="index a whole gallery into a new version"))
-    _common(sub.add_parser("add", help="index only items whose ids are new"))
-    rm = sub.add_parser("remove", help="publish a version without the given ids")
-    rm.add_argument("--out", required=True)
+    for name, summary in (("build", "index a whole gallery into a new version"), ("add", "index only new ids")):
+        _common(sub.add_parser(name, help=summary, description=DESCRIPTIONS[name], examples=EXAMPLES[name]))
+    rm = sub.add_parser("remove", help="publish a version without the given ids", description=DESCRIPTIONS["remove"],
+                        examples=EXAMPLES["remove"])  # fmt: skip
+    rm.add_argument("--out", required=True, help="index root (versions, segments, 'current')")
     rm.add_argument("ids", nargs="*", help="image or text ids")
-    rm.add_argument("--ids-file", help="file with one id per line")
-    rm.add_argument("--keep", type=int, default=3)
+    rm.add_argument("--ids-file", help="file with one id per line, added to the ids given (default: none)")
+    rm.add_argument("--keep", type=int, default=3, help="published versions to keep")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -2,7 +2,9 @@
 
 import sys
 
-from .compare import main
+from .compare import build_parser, main
+
+__all__ = ["build_parser", "main"]
 
 if __name__ == "__main__":
     sys.exit(main())

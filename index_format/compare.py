@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from model import CommandParser
+
 from .layout import IndexRoot
 
 _MANIFEST_KEYS = ("model", "store", "dims", "levels", "counts", "skipped", "options", "operation")
@@ -75,18 +77,24 @@ def compare(a: str | Path, b: str | Path) -> list[str]:
     return sorted(k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k))
 
 
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(
-        prog="python -m index_format", description=__doc__.split("\n\n")[0],
-        epilog="example: python -m index_format compare runs/index-one-process runs/index-ray",
-    )
+def build_parser() -> CommandParser:
+    """The command line of ``python -m index_format``."""
+    example = "python -m index_format compare runs/index-one-process runs/index-ray"
+    parser = CommandParser(prog="python -m index_format", description=__doc__, examples=[example])
     sub = parser.add_subparsers(dest="command", required=True)
-    cmp = sub.add_parser("compare", help="list the fields in which two published indexes differ")
+    cmp = sub.add_parser(
+        "compare", help="list the fields in which two published indexes differ", examples=[example],
+        description="Compares the published versions of two index roots field by field (manifest, row tables,\n"
+        "segments' arrays, metadata, FAISS indices). Prints one JSON line {fields, identical, differ}; exits\n"
+        "with 0 when they are identical, 1 when a field differs, 2 when an index cannot be read.",
+    )  # fmt: skip
     cmp.add_argument("a", help="an index root (its published version is read)")
     cmp.add_argument("b", help="another index root")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         fa, fb = fingerprint(args.a), fingerprint(args.b)
     except (OSError, ValueError) as exc:

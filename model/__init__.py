@@ -7,10 +7,12 @@ Public API (see README "Python API"):
 * :func:`preprocess_image`, :func:`load_image`: decoding and the authors' eval transform.
 * :class:`HATTokenizer`: uncased BERT WordPiece, ``[CLS] ... [SEP]``, at most 32 tokens.
 * :mod:`model.alignment`: ``scan_i2t``, ``scan_t2i``, ``hierarchical_similarity``.
+* :class:`CommandParser`: the argument parser of the project's commands (defaults and examples in the help).
 """
 
 from .alignment import hierarchical_similarity, scan_i2t, scan_t2i
 from .checkpoint import load_model, save_model
+from .cli import CommandParser
 from .config import HATConfig, SwinConfig, TextConfig
 from .devices import DeviceError, resolve_device
 from .errors import CheckpointError, HATError, ImageDecodeError, TokenizerError, UnsafeCheckpointError
@@ -20,6 +22,7 @@ from .tokenizer import HATTokenizer, TokenBatch
 
 __all__ = [
     "CheckpointError",
+    "CommandParser",
     "DeviceError",
     "HATConfig",
     "HATError",

@@ -67,7 +67,8 @@ def create_app(settings: Settings | None = None, *, model=None) -> FastAPI:
         finally:
             await app.state.engine.stop()
 
-    app = FastAPI(title="HAT Search", version="0.1.0", lifespan=lifespan)
+    # /docs is service/routers/docs.py (Swagger UI's files served from here, not a CDN); no /redoc.
+    app = FastAPI(title="HAT Search", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.settings = settings
     app.state.metrics = metrics = Metrics()
     app.state.engine = Engine(settings, metrics, model=model)

@@ -30,6 +30,7 @@ from .errors import NotReadyError, ServiceError
 from .metrics import Metrics
 from .search import SearchOptions
 from .settings import Settings
+from .startup import serving_line
 
 logger = logging.getLogger("service")
 
@@ -136,6 +137,8 @@ class Engine:
                 await self.check(force=True)
             if self.settings.reload_interval > 0:
                 self._spawn(self._poll(), "hat-index-poll")
+        state = self.state
+        logger.info("%s", serving_line(self.settings, self.model, state and state.index, self.not_ready_reason()))
 
     def _load_model(self):
         from model import load_model

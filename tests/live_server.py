@@ -3,7 +3,7 @@ pytest puts this folder on ``sys.path`` for its conftest.py).
 
 ``LiveServer`` is a real uvicorn server in a thread on a loopback socket, with the options of
 ``python -m service``; ``ClientThreads`` are client threads looping until their context ends; ``poll`` and
-``wait_ready`` wait for a condition.
+``wait_ready`` wait for a condition; ``metric`` reads one sample of a ``/metrics`` text.
 """
 
 from __future__ import annotations
@@ -97,6 +97,18 @@ def poll(fn, timeout: float = 60, interval: float = 0.1):
                 return last
         time.sleep(interval)
     raise AssertionError(f"condition not met in {timeout} s (last: {last!r})")
+
+
+def metric(text: str, name: str, **labels: str) -> float | None:
+    """The value of the sample ``name{labels}`` (exactly those labels, in any order) in the Prometheus exposition
+    ``text``, or None when there is none. Parsing checks the text's syntax too."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return sample.value
+    return None
 
 
 class ClientThreads:

@@ -15,7 +15,6 @@ at least as high, so a constant scorer gets R@1 = 0 rather than a lucky sort ord
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -25,6 +24,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from model import CommandParser
 from model.alignment import scan
 from model.errors import HATError
 
@@ -195,20 +195,34 @@ def format_table(results: dict, title: str = "") -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    from model.checkpoint import load_model
+EXAMPLES = (
+    "python -m training.evaluate --model models/demo --dataset data/world/dataset.json --images data/world/images \\\n"
+    "    --split test --json runs/demo/test.json",
+    "python -m training.evaluate --model hat_coco.ckpt --dataset dataset_coco.json --images coco --protocol 5fold \\\n"
+    "    --global-fallback    # an authors' checkpoint: no trained global head",
+)
 
-    parser = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--dataset", required=True, type=Path)
-    parser.add_argument("--images", required=True, type=Path)
-    parser.add_argument("--split", default="test", choices=["train", "val", "test"])
-    parser.add_argument("--protocol", default="auto", choices=["auto", "1k", "5fold", "all"])
-    parser.add_argument("--limit", type=int, default=0, help="evaluate only the first N images")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--workers", type=int, default=0)
-    parser.add_argument("--json", type=Path, help="write the results here")
+
+def build_parser() -> CommandParser:
+    """The command line of ``python -m training.evaluate``."""
+    parser = CommandParser(prog="python -m training.evaluate", description=__doc__, examples=EXAMPLES)
+    parser.add_argument("--model", required=True, help="an authors' .ckpt or a project model directory")
+    parser.add_argument("--dataset", required=True, type=Path, help="Karpathy-format dataset JSON")
+    parser.add_argument("--images", required=True, type=Path, help="folder holding the dataset's image files")
+    parser.add_argument("--split", default="test", choices=["train", "val", "test"], help="the split to score")
+    parser.add_argument(
+        "--protocol", default="auto", choices=["auto", "1k", "5fold", "all"],
+        help="1k/all: the split as one gallery; 5fold: mean of five 1,000-image folds; auto: 5fold and all for a "
+        "5,000-image split, else all",
+    )  # fmt: skip
+    parser.add_argument("--limit", type=int, default=0, help="evaluate only the first N images (0 = all)")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+    parser.add_argument("--batch-size", type=int, default=64, help="images or captions encoded per batch")
+    parser.add_argument("--workers", type=int, default=0, help="image-decoding worker processes (0 = this one)")
+    parser.add_argument(
+        "--json", type=Path, help="write {variant: {i2t, t2i, rsum}} here; another protocol goes beside it as "
+        "OUT-stem.PROTOCOL.json (default: print the table only)",
+    )  # fmt: skip
     parser.add_argument(
         "--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}"
     )
@@ -217,6 +231,13 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="score 'global' with the head-less fallback (mean-pooled last level), as for the authors' checkpoints",
     )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from model.checkpoint import load_model
+
+    parser = build_parser()
     args = parser.parse_args(argv)
     variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
     unknown = sorted(set(variants) - set(VARIANTS))
@@ -224,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
-        model = load_model(args.model, args.device)
+        model = load_model(args.model, args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         entries = read_karpathy(args.dataset, args.images, args.split)
         if args.limit:
             entries = entries[: args.limit]

@@ -5,9 +5,8 @@ from different templates, synonyms and word orders, with spatial relations state
 of the scenes have a "twin" right after them that differs only in which colour goes with which shape, or in
 which object is where, so that the gallery holds near-duplicates that a bag of words cannot tell apart.
 
-    python -m training.synthetic --out DIR --seed N [--train N --val N --test N] [--size PX]
-
-writes ``DIR/dataset.json`` (Karpathy format: ``images[].filename/split/sentences[].raw``) and
+``python -m training.synthetic --out DIR --seed N [--train N --val N --test N] [--size PX]`` writes
+``DIR/dataset.json`` (Karpathy format: ``images[].filename/split/sentences[].raw``) and
 ``DIR/images/*.png``. Output is a pure function of the arguments (same seed, same bytes).
 """
 
@@ -22,6 +21,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+
+from model import CommandParser
 
 COLOURS = {
     "red": (220, 30, 35),
@@ -282,14 +283,26 @@ def world_from_arguments(args: argparse.Namespace) -> WorldSpec:
     return WorldSpec(tuple(args.colours.split(",")), tuple(args.shapes.split(",")), radii, args.gap)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.synthetic", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--seed", type=int, default=0)
+EXAMPLES = (
+    "python -m training.synthetic --out data/world --seed 0 --train 10000 --val 1014 --test 1000",
+    "python -m training.synthetic --out data/demo-gallery --seed 1 --train 0 --val 0 --test 1000",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m training.synthetic``."""
+    parser = CommandParser(prog="python -m training.synthetic", description=__doc__, examples=EXAMPLES)
+    parser.add_argument("--out", required=True, type=Path, help="output folder (dataset.json, manifest.jsonl, images/)")
+    parser.add_argument("--seed", type=int, default=0, help="the world's seed: same seed and options, same bytes")
     for split, count in SPLIT_DEFAULTS.items():
         parser.add_argument(f"--{split}", type=int, default=count, help=f"images in the {split} split")
     parser.add_argument("--size", type=int, default=146, help="canvas side in pixels")
     add_world_arguments(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     splits = {s: getattr(args, s) for s in SPLIT_DEFAULTS}
     if any(n < 0 for n in splits.values()):

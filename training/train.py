@@ -32,37 +32,79 @@ from pathlib import Path
 
 import torch
 
+from model import CommandParser
 from model.errors import HATError
 
-from .config import TrainConfig
+from .config import NEVER, TrainConfig
 from .loop import train
 from .presets import PRESETS
 
+EXAMPLES = (
+    "python -m training.train --preset demo --dataset data/world/dataset.json --images data/world/images \\\n"
+    "    --out runs/demo --max-minutes 40",
+    "python -m training.train --preset paper --dataset dataset_flickr30k.json --images flickr30k-images \\\n"
+    "    --out runs/f30k --image-weights swin_base_patch4_window7_224_22k.pth --text-weights bert-base-uncased/",
+)
+
+
+def _boolean(value: str) -> bool:
+    """``true``/``false`` (also ``1``/``0``, ``yes``/``no``, ``on``/``off``)."""
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
+def _shown(value) -> str:
+    """A default as the command line takes it: ``true``, ``empty``, ``1000000 (every epoch)``."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if value == "":
+        return "empty"
+    return f"{value} (every epoch)" if value == NEVER else str(value)
+
+
+def _preset_defaults(name: str, default) -> str:
+    """``default: 20; preset demo: 16, paper: 30`` for the field ``name``."""
+    presets = [f"{preset}: {_shown(values[name])}" for preset, (_, values) in sorted(PRESETS.items()) if name in values]
+    return f"default: {_shown(default)}" + (f"; preset {', '.join(presets)}" if presets else "")
+
+
+def build_parser() -> CommandParser:
+    """The command line: fixed options, then one option per ``TrainConfig`` field (default: the preset's)."""
+    parser = CommandParser(prog="python -m training.train", description=__doc__, examples=EXAMPLES)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="demo", help="model and recipe")
+    parser.add_argument("--dataset", required=True, type=Path, help="Karpathy-format dataset JSON")
+    parser.add_argument("--images", required=True, type=Path, help="folder holding the dataset's image files")
+    parser.add_argument("--out", required=True, type=Path, help="run folder: last.pt each epoch, best/ model")
+    parser.add_argument("--resume", action="store_true", help="go on from OUT/last.pt (same arguments)")
+    parser.add_argument(
+        "--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)"
+    )
+    parser.add_argument("--image-weights", help="pretrained Swin: a checkpoint file or 'hub' (default: none)")
+    parser.add_argument("--text-weights", help="pretrained BERT: a HF directory or 'hub' (default: none)")
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default)")
+    recipe = parser.add_argument_group("recipe (each defaults to the preset's value)")
+    for f in dataclasses.fields(TrainConfig):
+        if "help" not in f.metadata:
+            continue  # preset, model, crop_scale: set by the preset only
+        kind = _boolean if isinstance(f.default, bool) else type(f.default)
+        recipe.add_argument(
+            "--" + f.name.replace("_", "-"), type=kind, default=None, choices=f.metadata.get("choices"),
+            help=f"{f.metadata['help']} ({_preset_defaults(f.name, f.default)})",
+        )  # fmt: skip
+    return parser
+
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.train", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="demo")
-    parser.add_argument("--dataset", required=True, type=Path)
-    parser.add_argument("--images", required=True, type=Path)
-    parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--resume", action="store_true")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--image-weights", help="pretrained Swin: a checkpoint file or 'hub'")
-    parser.add_argument("--text-weights", help="pretrained BERT: a HF directory or 'hub'")
-    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = default)")
-    for f in dataclasses.fields(TrainConfig):
-        if f.name in ("preset", "model", "crop_scale"):
-            continue
-        kind = type(f.default) if not isinstance(f.default, bool) else None
-        flag = "--" + f.name.replace("_", "-")
-        if kind is None:
-            parser.add_argument(flag, type=lambda v: v.lower() in ("1", "true", "yes"), default=None)
-        else:
-            parser.add_argument(flag, type=kind, default=None)
+    parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cfg = TrainConfig(preset=args.preset, **PRESETS[args.preset][1])
     for f in dataclasses.fields(TrainConfig):
         value = getattr(args, f.name, None)
@@ -77,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             resume=args.resume,
             image_weights=args.image_weights,
             text_weights=args.text_weights,
-            device=args.device,
+            device=device,
         )
     except (HATError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)

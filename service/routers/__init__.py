@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from . import admin, gallery, page, search
+from . import admin, docs, gallery, page, search
 
-ROUTERS: tuple[APIRouter, ...] = (page.router, admin.router, gallery.router, search.router)
+ROUTERS: tuple[APIRouter, ...] = (page.router, docs.router, admin.router, gallery.router, search.router)
 REQUEST_BODIES = search.REQUEST_BODIES
 
 __all__ = ["REQUEST_BODIES", "ROUTERS"]
