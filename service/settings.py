@@ -259,13 +259,18 @@ def _type_text(field: FieldInfo) -> str:
         return "one of " + ", ".join(f"`{choice}`" for choice in get_args(annotation))
     if NoDecode in field.metadata:
         return "comma-separated list"
+    if bool in _members(annotation):
+        return "`true` or `false`"
     base = {int: "integer", float: "number"}.get(next((t for t in (int, float) if t in _members(annotation)), None))
     if base is None:
         return "string"
     low = next((m.ge for m in field.metadata if isinstance(m, annotated_types.Ge)), None)
     high = next((m.le for m in field.metadata if isinstance(m, annotated_types.Le)), None)
+    above = next((m.gt for m in field.metadata if isinstance(m, annotated_types.Gt)), None)
     if low is not None and high is not None:
         return f"{base} {low}–{high}"
+    if above is not None:
+        return f"{base} > {above}"
     return f"{base} ≥ {low}" if low is not None else base
 
 
@@ -278,6 +283,8 @@ def _default_text(value: Any) -> str:
         return "unset"
     if value == ():
         return "empty"
+    if isinstance(value, bool):
+        return f"`{str(value).lower()}`"
     if isinstance(value, str) and value.startswith(str(REPO) + os.sep):
         return f"`{Path(value).relative_to(REPO)}` of the repository"
     return f"`{value}`"
