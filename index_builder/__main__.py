@@ -59,6 +59,12 @@ def _common(p: argparse.ArgumentParser) -> None:
                      "CPU-only 0.5, leaving half the CPUs to decoding; given: one CPU is kept for decoding)")
     ray.add_argument("--ray-threads", type=int, help="torch threads of each CPU encoder actor (default: its "
                      "reserved CPUs, at least 1)")
+    p.add_argument(
+        "--shards", type=int,
+        help="split the index into this many shards by a stable hash of each id (ROOT/shards/NN/, each an "
+        "ordinary index; served together by 'python -m service' or 'python -m service.cluster'). Default: the "
+        "root's own count (a new root: 1, unsharded)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     p.add_argument("--report", help="write the full result, every skipped input included, as JSON here (default: none)")
 
@@ -74,6 +80,7 @@ def _options(args) -> BuildOptions:
         compress_limit=args.compress_limit,
         texts=args.texts, progress=not args.no_progress, allow_outside_root=args.allow_outside_root,
         ray=args.ray, ray_actors=args.ray_actors, ray_actor_cpus=args.ray_actor_cpus, ray_threads=args.ray_threads,
+        shards=args.shards,
     )
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import anyio
@@ -38,8 +38,12 @@ JSON_BODY_LIMIT = 64 * 1024  # every body but an image upload: a query of HAT_MA
 MULTIPART_OVERHEAD = 64 * 1024  # boundaries, part headers and the small form fields beside the image
 
 
-def create_app(settings: Settings | None = None, *, model=None) -> FastAPI:
-    """The search service. ``model`` (an already loaded ``HATModel``) skips loading ``settings.model``."""
+def create_app(
+    settings: Settings | None = None, *, model=None, engine: Callable[[Metrics], Engine] | None = None
+) -> FastAPI:
+    """The search service. ``model`` (an already loaded ``HATModel``) skips loading ``settings.model``;
+    ``engine`` makes the engine from the app's metrics instead (``python -m service.cluster``'s, whose model and
+    index live in Ray Serve deployments)."""
     settings = settings or Settings.from_env()
 
     @asynccontextmanager
@@ -71,7 +75,7 @@ def create_app(settings: Settings | None = None, *, model=None) -> FastAPI:
     app = FastAPI(title="HAT Search", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.settings = settings
     app.state.metrics = metrics = Metrics()
-    app.state.engine = Engine(settings, metrics, model=model)
+    app.state.engine = engine(metrics) if engine else Engine(settings, metrics, model=model)
     _install_error_handlers(app)
     for router in ROUTERS:
         app.include_router(router)

@@ -23,7 +23,16 @@ from typing import Any
 
 import anyio
 
-from index_format import GalleryIndex, IndexFormatError, IndexRoot, open_index
+from index_format import (
+    GalleryIndex,
+    IndexFormatError,
+    IndexRoot,
+    ShardedIndex,
+    current_versions,
+    open_index,
+    read_shards,
+    shard_version,
+)
 
 from . import search
 from .errors import NotReadyError, ServiceError
@@ -39,7 +48,7 @@ logger = logging.getLogger("service")
 class IndexState:
     """One open index version. Immutable but for the count of requests using it."""
 
-    index: GalleryIndex
+    index: GalleryIndex | ShardedIndex
     version: str  # the manifest's version
     key: str  # the name ``current`` points at ("" for an index directory served without a root)
     loaded_at: float
@@ -77,6 +86,10 @@ class Engine:
         if not self.settings.index_root:
             return "HAT_INDEX_ROOT is not set: no index to search"
         return f"no index loaded: {self.index_error or 'loading'}"
+
+    def shard_status(self) -> list[dict[str, Any]] | None:
+        """Per-shard readiness where shards are served by other processes (``service.cluster``); None here."""
+        return None
 
     @contextmanager
     def lease(self) -> Iterator[tuple[Any, IndexState]]:
@@ -168,7 +181,16 @@ class Engine:
     # ------------------------------------------------------------------------------------------ reload
 
     def _target(self) -> tuple[str, Path] | None:
-        """(key, directory) of what should be served now, or None when nothing is published."""
+        """(key, directory) of what should be served now, or None when nothing is published. A sharded root's
+        key names every shard's ``current``: a new version of any shard reopens the index."""
+        sharded = read_shards(self.settings.index_root)
+        if sharded is not None:
+            versions = current_versions(self.settings.index_root)
+            waiting = [f"{i:02d}" for i, v in enumerate(versions) if v is None]
+            if waiting:
+                where = f"{self.settings.index_root}: shard(s) {', '.join(waiting)}"
+                raise IndexFormatError(f"{where}: nothing published yet")
+            return shard_version(versions), Path(self.settings.index_root)
         root = IndexRoot(self.settings.index_root)
         name = root.current_version()
         if name:
@@ -185,9 +207,13 @@ class Engine:
         """
         async with self._reload_lock:
             old = self.state
-            target = self._target()
+            try:
+                target = self._target()
+                nothing = f"nothing published under {self.settings.index_root} (no 'current' version)"
+            except IndexFormatError as exc:
+                target, nothing = None, str(exc)
             if target is None:
-                self.index_error = f"nothing published under {self.settings.index_root} (no 'current' version)"
+                self.index_error = nothing
                 if old is None:
                     raise ServiceError(409, "no_index", self.index_error)
                 return {"changed": False, "version": old.version, "previous": old.version}
