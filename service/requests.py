@@ -10,6 +10,7 @@ at most ``HAT_MAX_UPLOAD_BYTES``: 413, not empty).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -17,13 +18,15 @@ from fastapi import Depends, Request
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
+from index_format import check_filter
+
 from .dependencies import SettingsDep
 from .errors import BodyTooLargeError, ServiceError
 from .schemas import RequestLimits, image_form_model, text_request_model
 from .search import SearchParams
 from .settings import Settings
 
-FORM_FIELDS = ("candidates", "image", "k", "target")
+FORM_FIELDS = ("candidates", "explain", "filter", "image", "k", "target")
 
 
 @dataclass(frozen=True)
@@ -60,12 +63,16 @@ def validation_details(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return details or [{"field": "body", "message": "invalid request", "type": ""}]
 
 
-def search_params(k: int | None, candidates: int | None, limits: RequestLimits) -> SearchParams:
-    """``k`` and ``candidates`` (already in range) with the defaults for None; candidates raised to k."""
-    k = limits.default_k if k is None else k
-    candidates = limits.default_candidates if candidates is None else candidates
+def search_params(body: Any, limits: RequestLimits, filter_json: str | None = None) -> SearchParams:
+    """A checked body's ``k`` and ``candidates`` (already in range) with the defaults for None, candidates raised
+    to k; its filter (a form's is JSON text) and ``explain``."""
+    k = limits.default_k if body.k is None else body.k
+    candidates = limits.default_candidates if body.candidates is None else body.candidates
+    flt = json.loads(filter_json) if filter_json is not None else getattr(body, "filter", None)
     # Fewer candidates than results cannot fill the page: re-rank at least k (documented in docs/service.md).
-    return SearchParams(k=k, candidates=max(candidates, k))
+    # An empty filter {} filters nothing.
+    return SearchParams(k=k, candidates=max(candidates, k), filter=check_filter(flt) if flt else None,
+                        explain=body.explain)  # fmt: skip
 
 
 def upload_limit_message(settings: Settings) -> str:
@@ -82,6 +89,8 @@ def _refusal(err: dict[str, Any], limits: RequestLimits) -> ServiceError | None:
         )
     if field == "query" and kind in ("string_too_short", "string_pattern_mismatch", "empty_query"):
         return ServiceError(422, "empty_query", "query is empty")
+    if field == "filter" and kind == "invalid_filter":
+        return ServiceError(422, "invalid_filter", err["msg"])
     if field in ("k", "candidates") and kind in ("greater_than_equal", "less_than_equal"):
         high = limits.max_k if field == "k" else limits.max_candidates
         return ServiceError(422, "invalid_parameter", f"{field} must be between 1 and {high}, got {got}")
@@ -128,7 +137,7 @@ async def read_text_query(request: Request, settings: SettingsDep) -> TextQuery:
         if any(e.get("type") == "model_type" for e in errors):
             raise ServiceError(422, "validation_error", "the body must be a JSON object with a 'query'") from None
         raise _refuse(exc, limits, details=True) from None
-    return TextQuery(query=body.query, params=search_params(body.k, body.candidates, limits))
+    return TextQuery(query=body.query, params=search_params(body, limits))
 
 
 async def _upload(form: Any, settings: Settings) -> bytes:
@@ -168,7 +177,11 @@ async def read_image_query(request: Request, settings: SettingsDep) -> ImageQuer
             body = image_form_model(limits).model_validate({**fields, "image": data})
         except ValidationError as exc:
             raise _refuse(exc, limits, details=False) from None
-        return ImageQuery(data=data, target=body.target, params=search_params(body.k, body.candidates, limits))
+        if body.explain and body.target == "image":
+            raise ServiceError(
+                422, "invalid_parameter", "explain: image -> image results are not re-ranked; use target=captions"
+            )
+        return ImageQuery(data=data, target=body.target, params=search_params(body, limits, body.filter))
     finally:
         await form.close()
 

@@ -10,12 +10,15 @@ request models are made per set of limits (:class:`RequestLimits`): :func:`text_
 from __future__ import annotations
 
 import functools
+import json
 import re
 import unicodedata
 from typing import Annotated, Any, Literal, NamedTuple
 
-from pydantic import AfterValidator, BeforeValidator, Field, StrictInt, StrictStr
+from pydantic import AfterValidator, BeforeValidator, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 from pydantic_core import PydanticCustomError
+
+from index_format import FilterError, check_filter
 
 from .errors import Closed, ErrorInfo
 from .settings import Settings
@@ -87,8 +90,53 @@ def _not_blank(query: str) -> str:
     return text
 
 
+def _filter(value: Any) -> Any:
+    """A filter's shape, checked by the index's own rules (index_format.check_filter): refused as
+    ``invalid_filter`` with its message, before pydantic's union of value types would answer with one error per
+    member."""
+    if value is None:
+        return None
+    try:
+        check_filter(value)
+    except FilterError as exc:
+        raise PydanticCustomError("invalid_filter", "{message}", {"message": exc.message}) from None
+    return value
+
+
+def _form_filter(value: Any) -> Any:
+    """The form field ``filter``: the same JSON object as in ``POST /search/text``, as text."""
+    if not isinstance(value, str):
+        raise PydanticCustomError("form_file", "must be a plain form field, not a file")
+    try:
+        parsed = json.loads(value)
+    except ValueError:
+        raise PydanticCustomError("invalid_filter", "filter: not valid JSON") from None
+    _filter(parsed)
+    return value
+
+
+def _form_bool(value: Any) -> Any:
+    """A form field's ``true`` or ``false``, as written in JSON."""
+    if value not in ("true", "false"):
+        raise PydanticCustomError("bool_parsing", "must be true or false, got {got}", {"got": repr(str(value)[:40])})
+    return value == "true"
+
+
 FormInt = Annotated[int, BeforeValidator(_form_integer)]
 Query = Annotated[StrictStr, AfterValidator(_not_blank)]
+FilterScalar = StrictStr | StrictInt | StrictFloat | StrictBool | None
+FilterValue = FilterScalar | Annotated[list[FilterScalar], Field(min_length=1)]
+FILTER_DESCRIPTION = (
+    "Metadata filter: {\"key\": value} keeps items whose metadata equals the value, {\"key\": [values]} one of "
+    "the values; keys combine with AND; a list-valued metadata entry matches when any element does. Keys are "
+    "the gallery's metadata keys (an unknown key is refused, naming the known ones). For image -> captions the "
+    "caption's image's metadata is matched. k results come back when at least k items match."
+)
+Filter = Annotated[dict[str, FilterValue], BeforeValidator(_filter)]
+EXPLAIN_DESCRIPTION = (
+    "Return HAT's cross attention for each result: per query word (caption words for image -> captions) and "
+    "level, the word's attention over the image grid, and the level scores summing to the score."
+)
 
 
 def _json_int(high: int) -> Any:
@@ -116,6 +164,8 @@ def text_request_model(limits: RequestLimits) -> type[Closed]:
             description="First-stage candidates to re-rank, raised to k if smaller "
             f"(default {limits.default_candidates}).",
         )
+        filter: Filter | None = Field(None, description=FILTER_DESCRIPTION)
+        explain: StrictBool = Field(False, description=EXPLAIN_DESCRIPTION)
 
     return TextSearchRequest
 
@@ -132,6 +182,12 @@ def image_form_model(limits: RequestLimits) -> type[Closed]:
         target: Target = "captions"
         k: FormInt = Field(limits.default_k, ge=1, le=limits.max_k)
         candidates: FormInt = Field(limits.default_candidates, ge=1, le=limits.max_candidates)
+        filter: Annotated[str | None, BeforeValidator(_form_filter)] = Field(
+            None, description="The JSON text of a metadata filter, as `filter` of POST /search/text."
+        )
+        explain: Annotated[bool, BeforeValidator(_form_bool)] = Field(
+            False, description="`true`: explain each result (target=captions only). " + EXPLAIN_DESCRIPTION
+        )
 
     return ImageSearchForm
 
@@ -155,6 +211,48 @@ class NotReadyResponse(Closed):
     error: ErrorInfo
 
 
+class Strength(Closed):
+    percentile: float = Field(
+        description="Share (%) of random pairs of this gallery scoring below the result: random caption-image "
+        "pairs measured at build time (method gallery_pairs), or this query against a fixed sample of gallery "
+        "items (query_sample)."
+    )
+    match_percentile: float | None = Field(
+        description="Share (%) of the gallery's true caption-image pairs scoring below the result (gallery_pairs "
+        "only)."
+    )
+    label: Literal["strong", "good", "weak"] = Field(
+        description="strong: scores like a true caption of its image; good: above 99% of random pairs; weak: "
+        "within what random pairs score."
+    )
+    method: Literal["gallery_pairs", "query_sample"]
+
+
+class ExplainToken(Closed):
+    text: str = Field(description="The token's text as written (a WordPiece; '##' pieces have their own span).")
+    start: int = Field(description="Character offset in the query (or the caption) where the token starts.")
+    end: int = Field(description="Character offset where it ends (exclusive).")
+
+
+class ExplainLevel(Closed):
+    level: int = Field(ge=1, description="1 = finest image grid.")
+    grid: list[int] = Field(description="[H, W] of the image regions at this level.")
+    score: float = Field(description="This level's SCAN score; the levels' scores sum to the result's score.")
+    attention: list[list[float]] = Field(
+        description="Per token, its attention over the H x W regions (row-major), summing to 1."
+    )
+
+
+class Explanation(Closed):
+    direction: Literal["i2t", "t2i"] = Field(
+        description="The model's scoring direction: i2t: each region's softmax runs over the words and a "
+        "token's map is its column of those weights normalised over the regions; t2i: the token's own softmax "
+        "over the regions."
+    )
+    tokens: list[ExplainToken] = Field(description="The words scored ([CLS] and [SEP] take part, not listed).")
+    levels: list[ExplainLevel]
+
+
 class Result(Closed):
     id: str = Field(description="Image id, or caption id for image -> captions.")
     score: float = Field(description="The HAT score (or the first-stage score where no re-rank ran).")
@@ -164,14 +262,23 @@ class Result(Closed):
     image_id: str | None = Field(None, description="Captions only: the image the caption belongs to.")
     text: str | None = Field(None, description="Captions only: the caption.")
     metadata: dict[str, Any] | None
+    strength: Strength | None = Field(None, description="How strong the match is (re-ranked results only).")
+    explain: Explanation | None = Field(None, description="Why it matched (when explain was asked).")
+
+
+WEAK = Field(description="true when the best result is weak (or there is none): probably no good match here.")
+FILTER_MATCHES = Field(None, description="Items the filter matched (when a filter was given).")
 
 
 class TextSearchResponse(Closed):
     results: list[Result]
+    weak: bool = WEAK
+    filter_matches: int | None = FILTER_MATCHES
     timings_ms: dict[str, float] = Field(
         description="Milliseconds per stage: queue (waiting for a worker, batch_wait included), batch_wait "
         "(gathering the batch), encode (the batch's encoder forward), encode_share (encode / batch size), "
-        "first_stage, rerank, total."
+        "filter (the rows a metadata filter keeps), first_stage, rerank, strength (an index without a strength "
+        "calibration: the query against its reference sample), explain, total."
     )
     stage: Literal["rerank"]
     index_version: str
@@ -182,6 +289,8 @@ class TextSearchResponse(Closed):
 
 class ImageSearchResponse(Closed):
     results: list[Result]
+    weak: bool | None = Field(None, description="As for text searches; target=captions only.")
+    filter_matches: int | None = FILTER_MATCHES
     timings_ms: dict[str, float]
     stage: Literal["rerank", "first_stage_only"]
     target: Target

@@ -9,7 +9,7 @@ captions; image -> image uses the global vectors only (there is no image-image H
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, get_args
 from urllib.parse import quote
 
@@ -18,6 +18,7 @@ import torch
 
 from model import ImageDecodeError, TokenizerError, load_pixels
 
+from .annotate import add_tokens, explanations, filter_errors, is_weak, level_sum
 from .errors import ServiceError
 from .settings import RerankDtype, Settings
 
@@ -29,10 +30,13 @@ DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in get_arg
 
 @dataclass(frozen=True)
 class SearchParams:
-    """What one request asks for: ``k`` results from ``candidates`` first-stage hits (``candidates >= k``)."""
+    """What one request asks for: ``k`` results from ``candidates`` first-stage hits (``candidates >= k``), among
+    the items a metadata ``filter`` keeps (checked: ``index_format.check_filter``), explained or not."""
 
     k: int
     candidates: int
+    filter: dict[str, tuple] | None = None
+    explain: bool = False
 
 
 @dataclass(frozen=True)
@@ -103,24 +107,43 @@ def encode_texts(model, queries: list[str]) -> TextFeatures | ServiceError:
         vectors = model.global_texts(levels, lengths).cpu().numpy().astype(np.float32)
         levels = [t.cpu() for t in levels]
     clock.lap("encode")
-    return TextFeatures(vectors, levels, [int(n) for n in lengths], clock.ms["encode"])
+    spans = [model.tokenizer.spans(query) for query in queries]  # where each token comes from, for explanations
+    return TextFeatures(vectors, levels, [int(n) for n in lengths], clock.ms["encode"], queries, spans)
 
 
 def answer_texts(
     texts: TextFeatures, params: list[SearchParams], per_part: list[list[PartAnswer | None] | None]
 ) -> list[dict[str, Any] | Exception]:
     """Each query's outcome from the parts' answers (``per_part[part][query]``; a part that could not answer is
-    None and left out): the merged best ``k``, and the stage times (summed over the parts)."""
+    None and left out): the merged best ``k`` (their explanations given the query's words), ``weak``,
+    ``filter_matches``, and the stage times (summed over the parts); or the query's error (an empty query, a
+    filter key no part knows)."""
     outcomes: list[dict[str, Any] | Exception] = []
     for i, p in enumerate(params):
         if texts.empty(i):
             outcomes.append(ServiceError(422, "empty_query", "query is empty after tokenisation (nothing to search)"))
             continue
         answers = [answer[i] for answer in per_part if answer is not None]
+        refusal = filter_errors(p.filter, answers)
+        if refusal is not None:
+            outcomes.append(refusal)
+            continue
         timings = {"encode": texts.encode_ms, **_stage_sums(answers)}
         timings["total"] = round(sum(timings.values()), 3)
-        outcomes.append({"results": merge([a.entries for a in answers], p.k), "timings_ms": timings, "stage": "rerank"})
+        results = merge([a.entries for a in answers], p.k)
+        for entry in results if p.explain else []:
+            entry["explain"] = add_tokens(entry["explain"], texts.texts[i], texts.spans[i])
+        outcomes.append({"results": results, "timings_ms": timings, "stage": "rerank", **_summary(results, answers)})
     return outcomes
+
+
+def _summary(results: list[dict], answers: list[PartAnswer], rated: bool = True) -> dict[str, Any]:
+    """``weak`` (results ``rated`` by match strength: re-ranked ones) and, when a filter was given,
+    ``filter_matches`` (summed over the parts)."""
+    out: dict[str, Any] = {"weak": is_weak(results)} if rated else {}
+    if answers and answers[0].matches is not None:
+        out["filter_matches"] = sum(a.matches or 0 for a in answers)
+    return out
 
 
 @dataclass
@@ -131,6 +154,8 @@ class TextFeatures:
     levels: list[torch.Tensor]
     lengths: list[int]
     encode_ms: float = 0.0
+    texts: list[str] = field(default_factory=list)  # the queries
+    spans: list[list] = field(default_factory=list)  # their tokens' character spans (HATTokenizer.spans)
 
     def empty(self, i: int) -> bool:
         """[CLS] and [SEP] only: control or zero-width characters, nothing to search."""
@@ -139,10 +164,13 @@ class TextFeatures:
 
 @dataclass
 class PartAnswer:
-    """One index part's answer to one query: its best entries (score order) and its stage times."""
+    """One index part's answer to one query: its best entries (score order) and its stage times; for a
+    filtered search, how many of its items the filter matched and the metadata keys it knows."""
 
     entries: list[dict]
     ms: dict[str, float]
+    matches: int | None = None
+    keys: list[str] | None = None
 
 
 def parts_of(index) -> list:
@@ -153,31 +181,94 @@ def parts_of(index) -> list:
 def rank_images(part, lock, texts: TextFeatures, params: list[SearchParams], options: SearchOptions, device
                 ) -> list[PartAnswer | None]:
     """Text -> images on one index part (a whole index or one shard) for a batch of encoded queries: one FAISS
-    search, then each query's HAT re-rank of its candidates; the best ``k`` entries per query (None for an
-    empty query). This is all a shard does for a query, here or in a shard searcher on Ray."""
+    search for the queries without a filter (a filtered one searches the rows its filter keeps, alone), then each
+    query's HAT re-rank of its candidates; the best ``k`` entries per query with their match strength (and
+    explanation when asked), None for an empty query. This is all a shard does for a query, here or in a shard
+    searcher on Ray."""
     clock = _Clock()
-    widest = max(p.candidates for p in params)
-    first_all, rows_all = part.search("images", texts.vectors, widest)
+    plain = [i for i, p in enumerate(params) if p.filter is None and not texts.empty(i)]
+    widest = max((params[i].candidates for i in plain), default=0)
+    first_all, rows_all = part.search("images", texts.vectors[plain], widest)
     clock.lap("first_stage")
     answers: list[PartAnswer | None] = []
     for i, p in enumerate(params):
         if texts.empty(i):
             answers.append(None)
             continue
-        own = _Clock()
-        keep = rows_all[i] >= 0  # an approximate index may find fewer than asked
-        first, rows = first_all[i][keep][: p.candidates], rows_all[i][keep][: p.candidates]
+        own, matches = _Clock(), None
+        if p.filter is None:
+            j = plain.index(i)
+            keep = rows_all[j] >= 0  # an approximate index may find fewer than asked
+            first, rows = first_all[j][keep][: p.candidates], rows_all[j][keep][: p.candidates]
+        else:
+            first, rows, matches = _filtered(part, "images", texts.vectors[i : i + 1], p.filter, p.candidates, own)
         length = texts.lengths[i]
-        with torch.inference_mode():
-            query_levels = [t[i : i + 1, :length] for t in texts.levels]
-            scores = part.rerank_images(query_levels, length, rows, options.rerank_dtype, device=device)
-        best = _top(scores, p.k)
-        own.lap("rerank")
-        with lock:
-            items = part.images(rows[best])
-        answers.append(PartAnswer(_entries(items, scores.numpy()[best], first[best]),
-                                  {"first_stage": clock.ms["first_stage"], "rerank": own.ms["rerank"]}))  # fmt: skip
+        query_levels = [t[i : i + 1, :length] for t in texts.levels]
+
+        def score(rows, per_level=False, query_levels=query_levels, length=length):
+            return part.rerank_images(query_levels, length, rows, options.rerank_dtype, device, per_level)
+
+        def explain(rows, query_levels=query_levels, length=length):
+            return part.explain_images(query_levels, length, rows, options.rerank_dtype)
+
+        entries = _rerank(part, lock, "images", first, rows, p, score, explain, own)
+        own.ms["first_stage"] = round(clock.ms["first_stage"] + own.ms.get("first_stage", 0.0), 3)
+        answers.append(_answer(part, "images", p, entries, own.ms, matches))
     return answers
+
+
+def _first_stage(part, kind: str, vector: np.ndarray, p: SearchParams, wanted: int, clock: _Clock):
+    """One query's first stage on one part: the ``wanted`` best of ``kind`` by global vector, among the rows its
+    filter keeps when it has one -> (scores, rows, how many rows the filter kept or None)."""
+    if p.filter is not None:
+        return _filtered(part, kind, vector, p.filter, wanted, clock)
+    first, rows = part.search(kind, vector, wanted)
+    clock.lap("first_stage")
+    return first[0], rows[0], None
+
+
+def _filtered(part, kind: str, vector: np.ndarray, flt: dict, wanted: int, clock: _Clock):
+    """A filtered first stage on one part: the rows the filter keeps (stage ``filter``), then the ``wanted``
+    best of them by global vector (``first_stage``) -> (scores, rows, how many rows the filter kept)."""
+    allowed = part.filters.rows(kind, flt)
+    clock.lap("filter")
+    first, rows = part.search(kind, vector, wanted, allowed=allowed)
+    clock.lap("first_stage")
+    return first[0], rows[0], len(allowed)
+
+
+def _answer(part, kind: str, p: SearchParams, entries: list[dict], ms: dict, matches: int | None) -> PartAnswer:
+    """A part's answer; a filtered one says how many items matched and which metadata keys the part knows."""
+    return PartAnswer(entries, ms, matches, part.filters.keys(kind) if p.filter is not None else None)
+
+
+def _rerank(part, lock, kind: str, first, rows, p: SearchParams, score, explain, clock: _Clock) -> list[dict]:
+    """The re-rank of one query's candidate ``rows`` (first-stage scores ``first``) on one part:
+    ``score(rows, per_level)`` gives HAT scores (per level when explaining), the best ``k`` become entries with
+    their match strength (stage ``strength`` where the part's scale needs the query's reference scores) and, when
+    asked, their explanation ``explain(rows)`` (stage ``explain``)."""
+    with torch.inference_mode():
+        level_scores = score(rows, True) if p.explain else None
+        scores = level_sum(level_scores) if level_scores is not None else score(rows)
+        best = _top(scores, p.k)
+        clock.lap("rerank")
+        reference = part.strength.reference_rows(kind)
+        if reference is not None:
+            reference = score(reference).numpy() if len(reference) else None
+        strengths = part.strength.rate(scores.numpy()[best], reference)
+        if reference is not None:
+            clock.lap("strength")
+        explained = explanations(explain(rows[best]), level_scores[best], part.scoring.direction) if p.explain else None
+        if explained is not None:
+            clock.lap("explain")
+    with lock:
+        items = part.images(rows[best]) if kind == "images" else part.captions(rows[best])
+    entries = _entries(items, scores.numpy()[best], first[best])
+    for j, entry in enumerate(entries):
+        entry["strength"] = strengths[j]
+        if explained is not None:
+            entry["explain"] = explained[j]
+    return entries
 
 
 def _stage_sums(answers: list[PartAnswer]) -> dict[str, float]:
@@ -227,7 +318,7 @@ def search_images(
     images = encode_images(model, [data for data, _, _ in uploads], options.max_image_pixels)
     asks = [(target, params) for _, target, params in uploads]
     per_part = [image_answers(part, state.lock, images, asks, options, model.device) for part in parts_of(state.index)]
-    return answer_images(images, asks, per_part)
+    return answer_images(images, asks, per_part, model.tokenizer.spans)
 
 
 @dataclass
@@ -287,21 +378,30 @@ def image_answers(part, lock, images: ImageFeatures, asks: list[tuple[str, Searc
 
 
 def answer_images(images: ImageFeatures, asks: list[tuple[str, SearchParams]],
-                  per_part: list[list[PartAnswer | None] | None]) -> list[dict[str, Any] | Exception]:
-    """Each upload's outcome: its error, or the parts' answers merged (a part that could not answer is None)."""
+                  per_part: list[list[PartAnswer | None] | None], spans_of=None) -> list[dict[str, Any] | Exception]:
+    """Each upload's outcome: its error (or its filter's), or the parts' answers merged (a part that could not
+    answer is None); explained captions get their words from ``spans_of(text)`` (``HATTokenizer.spans``)."""
     outcomes: list[dict[str, Any] | Exception] = []
     for i, (target, params) in enumerate(asks):
         if i in images.errors:
             outcomes.append(images.errors[i])
             continue
         answers = [answer[i] for answer in per_part if answer is not None]
+        refusal = filter_errors(params.filter, answers)
+        if refusal is not None:
+            outcomes.append(refusal)
+            continue
         timings = {"decode": images.decode_ms[i], "encode": images.encode_ms, **_stage_sums(answers)}
         timings["total"] = round(sum(timings.values()), 3)
-        result = {"results": merge([a.entries for a in answers], params.k), "timings_ms": timings}
+        results = merge([a.entries for a in answers], params.k)
+        result: dict[str, Any] = {"results": results, "timings_ms": timings}
         if target == "image":
-            result.update(stage="first_stage_only", target="image")
+            result.update(stage="first_stage_only", target="image", **_summary(results, answers, rated=False))
         else:
-            result.update(stage="rerank", target="captions")
+            result.update(stage="rerank", target="captions", **_summary(results, answers))
+        for entry in results if params.explain else []:  # no spans_of: no words to show, no explanation
+            text = entry["text"]
+            entry["explain"] = add_tokens(entry["explain"], text, spans_of(text)) if spans_of else None
         outcomes.append(result)
     return outcomes
 
@@ -311,27 +411,25 @@ def rank_captions(part, lock, vector: np.ndarray, levels: list[torch.Tensor], pa
     """Image -> captions on one index part: FAISS over the captions' global vectors, then the HAT re-rank of
     the candidates against the image's levels ``[1, R_l, D]``; the best ``k`` entries."""
     clock = _Clock()
-    first, rows = part.search("captions", vector, params.candidates)
-    first, rows = first[0], rows[0]
-    clock.lap("first_stage")
-    with torch.inference_mode():
-        scores = part.rerank_captions(levels, rows, options.rerank_dtype, device=device)
-    best = _top(scores, params.k)
-    clock.lap("rerank")
-    with lock:
-        items = part.captions(rows[best])
-    return PartAnswer(_entries(items, scores.numpy()[best], first[best]), clock.ms)
+    first, rows, matches = _first_stage(part, "captions", vector, params, params.candidates, clock)
+
+    def score(rows, per_level=False):
+        return part.rerank_captions(levels, rows, options.rerank_dtype, device, per_level)
+
+    def explain(rows):
+        return part.explain_captions(levels, rows, options.rerank_dtype)
+
+    entries = _rerank(part, lock, "captions", first, rows, params, score, explain, clock)
+    return _answer(part, "captions", params, entries, clock.ms, matches)
 
 
 def match_images(part, lock, vector: np.ndarray, params: SearchParams) -> PartAnswer:
     """Image -> images on one index part by global vector only (there is no image-image HAT score)."""
     clock = _Clock()
-    first, rows = part.search("images", vector, params.k)
-    first, rows = first[0], rows[0]
-    clock.lap("first_stage")
+    first, rows, matches = _first_stage(part, "images", vector, params, params.k, clock)
     with lock:
         items = part.images(rows)
-    return PartAnswer(_entries(items, first, first), clock.ms)
+    return _answer(part, "images", params, _entries(items, first, first), clock.ms, matches)
 
 
 def _entries(items: list[dict], scores: np.ndarray, first: np.ndarray) -> list[dict]:

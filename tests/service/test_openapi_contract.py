@@ -80,7 +80,8 @@ def test_contract_sees_what_it_is_about():
                         "POST /search/text", "POST /search/image"}  # fmt: skip
     assert set(ops["POST /search/text"]["responses"]) == {"200", "400", "413", "415", "422", "503"}
     text = ops["POST /search/text"]["request"]["application/json"]
-    assert text["fields"] == {"candidates": ["integer", "null"], "k": ["integer", "null"], "query": "string"}
+    assert set(text["fields"]) == {"candidates", "k", "query", "filter", "explain"}
+    assert text["fields"]["k"] == ["integer", "null"] and text["fields"]["explain"] == "boolean"
     assert text["closed"] and text["required"] == ["query"]
     assert ops["POST /search/image"]["request"]["multipart/form-data"]["fields"]["image"] == {"string": "binary"}
     result = snapshot["schemas"]["Result"]["fields"]

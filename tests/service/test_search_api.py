@@ -35,7 +35,7 @@ def test_text_search_response(client, world):
     assert scores == sorted(scores, reverse=True)
     assert len({hit["id"] for hit in results}) == 5
     for hit in results:
-        assert set(hit) == {"id", "score", "first_stage_score", "rank", "image_url", "metadata"}
+        assert set(hit) == {"id", "score", "first_stage_score", "rank", "image_url", "metadata", "strength"}
         assert hit["id"] in world["base_ids"]
         assert hit["image_url"] == "/images/" + quote(hit["id"], safe="")
         assert hit["metadata"]["split"] == "test"
@@ -192,7 +192,7 @@ def test_health_ready_index_and_metrics(client, world):
 def test_openapi_documents_the_text_body(client):
     schema = client.get("/openapi.json").json()
     body = schema["paths"]["/search/text"]["post"]["requestBody"]["content"]["application/json"]["schema"]
-    assert set(body["properties"]) == {"query", "k", "candidates"}
+    assert set(body["properties"]) == {"query", "k", "candidates", "filter", "explain"}
 
 
 def test_first_stage_candidates_are_the_faiss_neighbours(client, demo_model):
