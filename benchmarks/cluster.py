@@ -208,6 +208,12 @@ def replicas(deployment: str) -> list:
     return alive
 
 
+def wait_replicas(deployment: str, count: int, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while len(replicas(deployment)) < count and time.monotonic() < deadline:
+        time.sleep(1)
+
+
 def kill(deployment: str, how_many: int) -> int:
     import ray
 
@@ -225,6 +231,7 @@ def failures(url: str, queries: list[str], seconds: float, clients: int = 8) -> 
         kills = []
         for _ in range(3):
             time.sleep(seconds / 4)
+            wait_replicas("shard-00", 2)  # the replica killed before has been replaced
             kills.append((round(time.monotonic() - start, 1), kill("shard-00", 1)))
         time.sleep(max(0.0, seconds - (time.monotonic() - start)))
     recs = load.records
@@ -232,6 +239,8 @@ def failures(url: str, queries: list[str], seconds: float, clients: int = 8) -> 
                             "failed": sum(s != 200 for _, s, _, _ in recs),
                             "partial": sum(p for _, _, p, _ in recs),
                             "req_per_s": round(len(recs) / seconds, 1)}  # fmt: skip
+    wait_replicas("shard-00", 2)
+    wait_replicas("shard-01", 2)
     with Load(url, queries, clients) as load:
         time.sleep(3)
         killed_at = time.monotonic()

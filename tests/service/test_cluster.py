@@ -163,24 +163,28 @@ def test_killed_replica_loses_no_request(world, cluster):
     queries = [world["items"][i]["captions"][0] for i in world["base_ids"]]
     with _Load(cluster, queries) as load:
         for _ in range(2):
-            time.sleep(3)
-            victims = _replicas("shard-00")
-            assert len(victims) == 2
-            ray.kill(victims[0], no_restart=True)
+            _wait_replicas("shard-00", 2)  # Ray Serve replaced the one killed before
+            time.sleep(2)
+            ray.kill(_replicas("shard-00")[0], no_restart=True)
         time.sleep(3)
     statuses = [s for _, s, _ in load.records]
     assert len(statuses) > 20 and set(statuses) == {200}, {s: statuses.count(s) for s in set(statuses)}
     assert not any(body["partial"] for _, _, body in load.records)
-    deadline = time.monotonic() + 120
-    while len(_replicas("shard-00")) < 2 and time.monotonic() < deadline:
+    _wait_replicas("shard-00", 2)
+
+
+def _wait_replicas(deployment: str, count: int, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while len(_replicas(deployment)) < count:
+        assert time.monotonic() < deadline, f"{deployment}: fewer than {count} replicas after {timeout} s"
         time.sleep(1)
-    assert len(_replicas("shard-00")) == 2  # Ray Serve replaced the killed replicas
 
 
 def test_shard_without_replicas_gives_partial_answers(world, cluster):
     import ray
 
     queries = [world["items"][i]["captions"][0] for i in world["base_ids"]]
+    _wait_replicas("shard-01", 2)
     with _Load(cluster, queries) as load:
         time.sleep(2)
         killed_at = time.monotonic()
