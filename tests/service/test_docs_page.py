@@ -1,28 +1,25 @@
 """``GET /docs`` (Swagger UI) in a real headless Chromium with every request off this machine refused: the page
 must render the API's operations from the service's own files, under its security headers.
 
-The screenshot goes to ``$HAT_TEST_ARTEFACTS`` (default ``test-artefacts/`` in the repository, ignored by git).
+The screenshot (``docs-page.png``) goes where the search page's go: ``$HAT_PAGE_SCREENSHOTS`` (default:
+``page-screenshots`` in pytest's temporary directory); the test prints where.
 """
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
 import pytest
-import test_page  # the browser fixture of the search page's test (system Chromium through Playwright)
+import test_page  # the search page's browser (system Chromium through Playwright) and screenshot folder
 
 pytestmark = pytest.mark.slow  # starts a browser
 
-REPO = Path(__file__).resolve().parents[2]
-ARTEFACTS = Path(os.environ.get("HAT_TEST_ARTEFACTS") or REPO / "test-artefacts")
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
-browser = test_page.browser
+browser, shots = test_page.browser, test_page.shots
 
 
-def test_docs_page_lists_the_operations_with_no_outside_request(browser, server):
+def test_docs_page_lists_the_operations_with_no_outside_request(browser, server, shots, capsys):
     context = browser.new_context(base_url=server.url, viewport={"width": 1280, "height": 900})
     outside, local, errors = [], [], []
 
@@ -52,8 +49,9 @@ def test_docs_page_lists_the_operations_with_no_outside_request(browser, server)
         page.click(".opblock.is-open .execute")
         status = page.wait_for_selector(".opblock.is-open .live-responses-table tr.response .response-col_status")
         answered = status.inner_text().strip()
-        ARTEFACTS.mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=str(ARTEFACTS / "docs-page.png"), full_page=True)
+        page.screenshot(path=str(shots / "docs-page.png"), full_page=True)
+        with capsys.disabled():
+            print(f"\ndocs page screenshot: {shots / 'docs-page.png'}")
     finally:
         context.close()
     assert any(op.startswith("POST /search/text") for op in operations), operations
