@@ -6,11 +6,13 @@ The HTML carries the service's request limits, and whether searches can be expla
 
 Stable element ids for people and browser tests: ``#query``, ``#search-button``, ``#image-input``, ``#target``,
 ``#image-button``, ``#k`` (results), ``#candidates`` (matches to re-rank), ``#explain``, ``#status``,
-``#timings``, ``#weak-note``, ``#index-counts``, ``#index-model``, ``#index-version``, ``#query-preview``,
-``#explain-bar`` with ``#query-words`` (a ``.word`` button per word) and ``#level-switch``, ``#results`` (an
-``ol``) and ``#more-button``. Each hit is a ``li.result`` with ``data-id``: an ``a.frame`` holding its ``img``
-(and, with explanations, a ``canvas.heatmap``), a ``.score``, a ``.strength`` where the service rates the
-match, and for captions a ``.caption``.
+``#timings``, ``#weak-note``, ``#partial-note``, ``#index-counts``, ``#index-model``, ``#index-version``,
+``#query-preview`` (``#preview-image``, ``#preview-heatmap``), ``#explain-bar`` with ``#query-words`` (a
+``.word`` button per word of a text query) and ``#level-switch``, ``#results`` (an ``ol``) and ``#more-button``.
+Each hit is a ``li.result`` with ``data-id``: an ``a.frame`` holding its ``img`` (and, for an explained text
+search, a ``canvas.heatmap``), a ``.score``, a ``.strength`` where the service rates the match, and for
+captions a ``.caption`` (of ``.word`` buttons when an image search is explained). While a heat map is shown,
+its result (or ``#query-preview``) has ``data-heatmap="WORD@LEVEL"``.
 """
 
 from __future__ import annotations

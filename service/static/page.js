@@ -9,6 +9,8 @@ const $ = (id) => document.getElementById(id);
 const CROP = 0.875;
 const LEVEL_NAMES = ["Fine detail", "Medium", "Coarse"];
 const SPECIAL_TOKENS = new Set(["[CLS]", "[SEP]", "[PAD]"]);
+const WORD_END = /[\p{L}\p{N}]$/u;
+const WORD_START = /^[\p{L}\p{N}]/u;
 const STRENGTH_NAMES = { strong: "Strong match", good: "Good match", weak: "Weak match" };
 
 const config = readConfig();
@@ -18,11 +20,12 @@ const state = {
   request: null, // the search the results answer: {kind, query | file + target, k, candidates, explain}
   lastForm: "text-form",
   hits: new WeakMap(), // result element -> its hit
-  tokens: [], // the query's words when the results carry explanations
+  mode: null, // "text" or "image" while the results carry explanations (see setupExplanations)
+  words: [], // a text search's query words
   levels: [], // [{level, grid, name}] of the explanations, fine -> coarse
   level: 0,
-  hover: -1, // the word under the pointer
-  pinned: -1, // the word clicked
+  hover: null, // the word under the pointer: {item (its result, null for the query), word, tokens, text}
+  pinned: null, // the word clicked
   indexVersion: null,
   indexRetry: null,
   previewUrl: null,
@@ -107,7 +110,10 @@ function textRequest() {
 function imageRequest() {
   const file = $("image-input").files[0];
   if (!file) return { error: "Choose an image first." };
-  return { kind: "image", file: file, target: $("target").value, ...commonOptions("image") };
+  const target = $("target").value;
+  const options = commonOptions("image");
+  if (target !== "captions") options.explain = false; // the service explains image -> captions only
+  return { kind: "image", file: file, target: target, ...options };
 }
 
 function commonOptions(kind) {
@@ -139,6 +145,7 @@ function newSearch(request) {
   showPreview(request.kind === "image" ? request.file : null);
   if (request.error) {
     state.seq += 1; // an answer still on its way belongs to the search before
+    if (state.controller) state.controller.abort();
     setStatus(request.error, true);
     return;
   }
@@ -187,10 +194,12 @@ function clearResults() {
   $("results").replaceChildren();
   $("more-button").hidden = true;
   $("weak-note").hidden = true;
+  $("partial-note").hidden = true;
   $("explain-bar").hidden = true;
   $("timings").hidden = true;
-  state.tokens = [];
-  state.hover = state.pinned = -1;
+  state.mode = null;
+  state.words = [];
+  state.hover = state.pinned = null;
 }
 
 function showPreview(file) {
@@ -212,7 +221,7 @@ function render(body, more) {
   const same = more && shown.every((node, i) => body.results[i] && body.results[i].id === node.dataset.id);
   if (!same) list.replaceChildren();
   const fresh = body.results.slice(same ? shown.length : 0);
-  setupExplanations(body.results);
+  setupExplanations(body);
   for (const hit of fresh) list.appendChild(card(hit));
 
   const n = body.results.length;
@@ -223,6 +232,7 @@ function render(body, more) {
   if (body.stage === "first_stage_only") status += " (by the quick comparison alone)";
   setStatus(status, false);
   $("weak-note").hidden = body.weak !== true;
+  $("partial-note").hidden = body.partial !== true;
   showTimings(body.timings_ms || {});
   $("more-button").hidden = !(n >= body.k && body.k < config.max_k);
   if (body.index_version !== state.indexVersion) loadIndexInfo();
@@ -249,6 +259,7 @@ function card(hit) {
   state.hits.set(item, hit);
   const strength = hit.strength && STRENGTH_NAMES[hit.strength.label];
   const label = "Result " + hit.rank + (strength ? ", " + strength.toLowerCase() : "");
+  const explained = explanationOf(hit) !== null;
   if (hit.image_url) {
     const frame = el("a", "frame");
     frame.href = hit.image_url;
@@ -260,27 +271,37 @@ function card(hit) {
     img.alt = hit.text || "image " + hit.id;
     img.loading = "lazy";
     frame.appendChild(img);
-    if (hit.explain) {
-      const canvas = el("canvas", "heatmap");
-      canvas.hidden = true;
-      canvas.setAttribute("aria-hidden", "true");
-      frame.appendChild(canvas);
-      img.addEventListener("load", () => drawHeatmap(item));
+    if (explained && state.mode === "text") {
+      frame.appendChild(heatmapCanvas());
+      img.addEventListener("load", () => drawResult(item));
     }
     item.appendChild(frame);
   } else {
     item.tabIndex = 0; // a caption without an image is still reachable by keyboard
     item.setAttribute("aria-label", label);
   }
-  if (hit.text !== undefined && hit.text !== null) item.appendChild(el("div", "caption", hit.text));
+  if (hit.text !== undefined && hit.text !== null) {
+    const caption = el("div", "caption");
+    if (explained && state.mode === "image") {
+      // Each word of the caption shows where the model found it in the query image.
+      wordsOf(hit.explain.tokens, hit.text).forEach((word, i) => {
+        if (word.gap) caption.append(word.gap);
+        caption.append(wordButton(word, item, i));
+      });
+      caption.append(hit.text.slice(caption.textContent.length));
+    } else {
+      caption.textContent = hit.text;
+    }
+    item.appendChild(caption);
+  }
   item.appendChild(el("div", "score",
     "#" + hit.rank + " · score " + hit.score.toFixed(4) + " (quick score " + hit.first_stage_score.toFixed(4) + ")"));
   if (strength) {
-    const badge = el("div", "strength " + hit.strength.label, strength);
-    if (typeof hit.strength.percentile === "number") badge.textContent += " · " + ordinal(hit.strength.percentile);
-    item.appendChild(badge);
+    item.appendChild(el("div", "strength " + hit.strength.label, strength));
+    const detail = strengthDetail(hit.strength);
+    if (detail) item.appendChild(el("div", "strength-detail", detail));
   }
-  if (hit.explain && Array.isArray(hit.explain.levels) && state.levels.length) {
+  if (explained) {
     const scores = hit.explain.levels.map((lv, i) => levelName(i).toLowerCase() + " " + lv.score.toFixed(3));
     item.appendChild(el("div", "level-scores", "Per level: " + scores.join(" · ")));
   }
@@ -288,48 +309,64 @@ function card(hit) {
   return item;
 }
 
-function ordinal(percentile) {
-  const n = Math.round(percentile);
+// What the strength's percentile compares the result with (index_format/strength.py), in words.
+function strengthDetail(strength) {
+  const p = strength.percentile;
+  if (typeof p !== "number") return "";
+  const share = p >= 100 ? "all " : Math.floor(p) + "% of ";
+  if (strength.method === "gallery_pairs") return "Better than " + share + "random image–caption pairs";
+  if (strength.method === "query_sample") return "Better than " + share + "a sample of the gallery";
+  const n = Math.round(p);
   const tens = n % 100;
   const suffix = tens >= 11 && tens <= 13 ? "th" : ["th", "st", "nd", "rd"][n % 10] || "th";
   return n + suffix + " percentile";
 }
 
 // ------------------------------------------------------------------------------------------- explanations
+//
+// A text search's explanations map each word of the query onto each result's image: the words are buttons
+// above the results, each result's image gets a heat map. An image search's explanations map each word of each
+// caption onto the query image: the caption words are buttons, the query image gets the heat map.
 
-function setupExplanations(hits) {
-  const first = hits.find((hit) => hit.explain && Array.isArray(hit.explain.tokens));
+function explanationOf(hit) {
+  const explain = hit.explain;
+  return explain && Array.isArray(explain.tokens) && Array.isArray(explain.levels) && explain.levels.length
+    ? explain
+    : null;
+}
+
+function setupExplanations(body) {
+  const first = body.results.find((hit) => explanationOf(hit) !== null);
   if (!first) {
     $("explain-bar").hidden = true;
-    state.tokens = [];
+    state.mode = null;
+    state.words = [];
     state.levels = [];
     return;
   }
-  const tokens = first.explain.tokens.map((t) => t.text);
-  const sameWords = tokens.length === state.tokens.length && tokens.every((t, i) => t === state.tokens[i]);
-  state.levels = first.explain.levels.map((lv) => ({ level: lv.level, grid: lv.grid }));
-  state.levels.forEach((lv, i) => (lv.name = levelName(i)));
-  if (!sameWords) {
-    state.tokens = tokens;
-    state.hover = state.pinned = -1;
-    const words = $("query-words");
-    words.replaceChildren();
-    tokens.forEach((text, i) => {
-      if (SPECIAL_TOKENS.has(text)) return; // the encoder's markers: no word of the query
-      const button = el("button", "word", text);
-      button.type = "button";
-      button.dataset.token = String(i); // the word's index in the explanation's tokens and attention
-      button.setAttribute("aria-pressed", "false");
-      button.addEventListener("mouseenter", () => setHover(i));
-      button.addEventListener("mouseleave", () => setHover(-1));
-      button.addEventListener("click", () => setPinned(state.pinned === i ? -1 : i));
-      words.appendChild(button);
-    });
+  const mode = body.query === undefined ? "image" : "text";
+  const levels = first.explain.levels.map((lv) => ({ level: lv.level, grid: lv.grid }));
+  state.levels = levels;
+  levels.forEach((lv, i) => (lv.name = levelName(i)));
+  if (state.level >= levels.length) state.level = 0;
+  if (mode === "text") {
+    const words = wordsOf(first.explain.tokens, body.query);
+    const sameWords = state.mode === "text" && words.map((w) => w.text).join("\n") === state.words.join("\n");
+    if (!sameWords) {
+      state.hover = state.pinned = null;
+      $("query-words").replaceChildren(...words.map((word, i) => wordButton(word, null, i)));
+      state.words = words.map((w) => w.text);
+    }
   }
-  if (state.level >= state.levels.length) state.level = 0;
-  const levels = $("level-switch");
-  levels.replaceChildren(el("span", "", "Level of detail:"));
-  state.levels.forEach((lv, i) => {
+  state.mode = mode;
+  $("query-words").hidden = mode !== "text";
+  $("explain-help").textContent = mode === "text"
+    ? "Point at or click a word of the query: each result shows where in its image the model found it " +
+      "(brighter = stronger)."
+    : "Point at or click a word of a caption: your image shows where the model found it (brighter = stronger).";
+  const switcher = $("level-switch");
+  switcher.replaceChildren(el("span", "", "Level of detail:"));
+  levels.forEach((lv, i) => {
     const label = el("label");
     const radio = el("input");
     radio.type = "radio";
@@ -341,54 +378,97 @@ function setupExplanations(hits) {
       drawAll();
     });
     label.append(radio, lv.name + " (" + lv.grid[0] + "×" + lv.grid[1] + ")");
-    levels.appendChild(label);
+    switcher.appendChild(label);
   });
   $("explain-bar").hidden = false;
+}
+
+// The words of ``text`` from its tokens: WordPiece pieces of one word (spans that touch, letters or digits on
+// both sides) become one word; the encoder's markers are left out. Each word: its text, the indices of its
+// tokens (rows of the attention) and the text between it and the word before.
+function wordsOf(tokens, text) {
+  const words = [];
+  let last = null;
+  tokens.forEach((token, i) => {
+    if (SPECIAL_TOKENS.has(token.text) || typeof token.start !== "number" || typeof token.end !== "number") return;
+    if (last && token.start === last.end && WORD_END.test(last.text) && WORD_START.test(text.slice(token.start))) {
+      last.tokens.push(i);
+      last.end = token.end;
+      last.text = text.slice(last.start, last.end);
+      return;
+    }
+    const gap = text.slice(last ? last.end : 0, token.start);
+    last = { text: text.slice(token.start, token.end), start: token.start, end: token.end, tokens: [i], gap: gap };
+    words.push(last);
+  });
+  return words;
+}
+
+function wordButton(word, item, index) {
+  const button = el("button", "word", word.text);
+  button.type = "button";
+  button.dataset.word = String(index);
+  button.setAttribute("aria-pressed", "false");
+  const me = { item: item, word: index, tokens: word.tokens, text: word.text };
+  button.addEventListener("mouseenter", () => setActive("hover", me));
+  button.addEventListener("mouseleave", () => setActive("hover", null));
+  button.addEventListener("click", () => setActive("pinned", isWord(state.pinned, me) ? null : me));
+  return button;
+}
+
+function isWord(a, b) {
+  return Boolean(a && b) && a.item === b.item && a.word === b.word;
+}
+
+function setActive(which, word) {
+  state[which] = word;
+  for (const button of document.querySelectorAll(".word")) {
+    const owner = button.closest(".result");
+    const me = { item: owner, word: Number(button.dataset.word) };
+    button.setAttribute("aria-pressed", String(isWord(state.pinned, me)));
+    button.classList.toggle("active", isWord(activeWord(), me));
+  }
+  drawAll();
+}
+
+function activeWord() {
+  return state.hover || state.pinned;
 }
 
 function levelName(i) {
   return LEVEL_NAMES.length === 3 && state.levels.length === 3 ? LEVEL_NAMES[i] : "Level " + (i + 1);
 }
 
-function setHover(i) {
-  state.hover = i;
-  markWords();
-  drawAll();
-}
-
-function setPinned(i) {
-  state.pinned = i;
-  markWords();
-  drawAll();
-}
-
-function markWords() {
-  for (const button of $("query-words").children) {
-    const i = Number(button.dataset.token);
-    button.setAttribute("aria-pressed", String(i === state.pinned));
-    button.classList.toggle("active", i === activeWord());
-  }
-}
-
-function activeWord() {
-  return state.hover >= 0 ? state.hover : state.pinned;
+function heatmapCanvas() {
+  const canvas = el("canvas", "heatmap");
+  canvas.hidden = true;
+  canvas.setAttribute("aria-hidden", "true");
+  return canvas;
 }
 
 function drawAll() {
-  for (const item of $("results").children) drawHeatmap(item);
+  const word = activeWord();
+  if (state.mode === "text") for (const item of $("results").children) drawResult(item);
+  const owner = state.mode === "image" && word ? word.item : null;
+  for (const item of $("results").children) item.classList.toggle("explaining", item === owner);
+  drawHeatmap($("preview-heatmap"), $("preview-image"), owner && state.hits.get(owner), owner && word, $("query-preview"));
 }
 
-function drawHeatmap(item) {
+// A text search's heat map over one result's image.
+function drawResult(item) {
   const canvas = item.querySelector("canvas.heatmap");
-  if (!canvas) return;
-  const hit = state.hits.get(item);
-  const word = activeWord();
-  const level = hit.explain.levels && hit.explain.levels[state.level];
-  const values = word >= 0 && level && level.attention ? level.attention[word] : null;
-  const img = item.querySelector("img");
+  if (canvas) drawHeatmap(canvas, item.querySelector("img"), state.hits.get(item), activeWord(), item);
+}
+
+// The heat map of ``word`` (its tokens' attention summed) at the chosen level of ``hit``'s explanation, over
+// ``img`` (shown with object-fit: contain in the canvas's parent); hidden when there is none. ``marked`` gets
+// data-heatmap="WORD@LEVEL" while a map is shown.
+function drawHeatmap(canvas, img, hit, word, marked) {
+  const level = hit && word ? explanationOf(hit).levels[state.level] : null;
+  const values = level ? wordAttention(level, word.tokens) : null;
   if (!values || !img.complete || !img.naturalWidth) {
     canvas.hidden = true;
-    delete item.dataset.heatmap;
+    delete marked.dataset.heatmap;
     return;
   }
   const [rows, cols] = level.grid;
@@ -417,7 +497,14 @@ function drawHeatmap(item) {
   ctx.imageSmoothingEnabled = true;
   ctx.drawImage(gridImage(values, rows, cols), sx, sy, side, side);
   canvas.hidden = false;
-  item.dataset.heatmap = state.tokens[word] + "@" + state.level;
+  marked.dataset.heatmap = word.text + "@" + state.level;
+}
+
+function wordAttention(level, tokens) {
+  const maps = tokens.map((t) => level.attention[t]).filter(Array.isArray);
+  const cells = level.grid[0] * level.grid[1];
+  if (!maps.length || maps.some((m) => m.length !== cells)) return null;
+  return maps[0].map((_, i) => maps.reduce((sum, m) => sum + m[i], 0));
 }
 
 // One pixel per grid cell (row-major), coloured by its weight scaled to the cell range; the browser smooths
@@ -438,7 +525,7 @@ function gridImage(values, rows, cols) {
   for (let i = 0; i < rows * cols; i += 1) {
     const v = (values[i] - low) / span;
     const [r, g, b] = colour(v);
-    image.data.set([r, g, b, Math.round(255 * (0.15 + 0.65 * v))], i * 4);
+    image.data.set([r, g, b, Math.round(255 * 0.85 * v ** 1.5)], i * 4); // faint where the word is not
   }
   ctx.putImageData(image, 0, 0);
   return small;

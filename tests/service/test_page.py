@@ -7,6 +7,7 @@ Screenshots at desktop (1280 px) and phone (375 px) width are written to ``$HAT_
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import os
 import re
@@ -23,7 +24,9 @@ DESKTOP = {"width": 1280, "height": 900}
 PHONE = {"width": 375, "height": 740}
 # Refusals some tests provoke on purpose (Chromium logs each failed request as a console error).
 EXPECTED_REFUSALS = ("responded with a status of 422", "responded with a status of 415")
-ALL_IMAGES_LOADED = "() => [...document.querySelectorAll('.result img')].every(i => i.complete && i.naturalWidth > 0)"
+# Result images load lazily: scrolled into view (the screenshots are of the whole page), all loaded.
+ALL_IMAGES_LOADED = """() => { window.scrollTo(0, document.body.scrollHeight);
+  return [...document.querySelectorAll('.result img')].every(i => i.complete && i.naturalWidth > 0); }"""
 
 
 def _unavailable(reason: str) -> None:
@@ -162,6 +165,7 @@ def test_image_upload_shows_the_query_image_beside_the_captions(page, world):
     assert page.is_visible("#query-preview")
     page.wait_for_function("() => document.querySelector('#preview-image').naturalWidth > 0")
     assert page.get_attribute("#preview-image", "src").startswith("blob:")
+    page.evaluate("() => window.scrollTo(0, 0)")
     preview = page.locator("#query-preview").bounding_box()
     results = page.locator("#results").bounding_box()
     assert preview["x"] + preview["width"] <= results["x"]  # beside, at desktop width
@@ -302,44 +306,72 @@ def _blob(rows: int, cols: int, centre: tuple[float, float]) -> list[float]:
     return [v / sum(values) for v in values]
 
 
-def _words(query: str) -> list[dict]:
-    return [{"text": m.group(), "start": m.start(), "end": m.end()} for m in re.finditer(r"\w+", query)]
+def _tokens(text: str) -> list[dict]:
+    """WordPiece-like tokens of ``text`` as the API gives them: ``[CLS]``, each word (one longer than five
+    characters in two pieces, the second written ``##...``) and punctuation mark with its span, ``[SEP]``."""
+    tokens = [{"text": "[CLS]", "start": None, "end": None}]
+    for m in re.finditer(r"\w+|[^\w\s]", text):
+        start, end = m.span()
+        cuts = [start, start + 3, end] if end - start > 5 else [start, end]
+        for i, (a, b) in enumerate(itertools.pairwise(cuts)):
+            tokens.append({"text": ("##" if i else "") + text[a:b], "start": a, "end": b})
+    return [*tokens, {"text": "[SEP]", "start": None, "end": None}]
+
+
+def _add_strength_and_explanations(body: dict, weak: bool) -> dict:
+    """``body``, a search's answer, with strengths and explanations in the API's shape (per level, a map per
+    token over the grid): each token of the query (or of a result's caption, for an image search) is found at
+    the left-to-right place where it stands in its text."""
+    for i, hit in enumerate(body["results"]):
+        percentile = 10.0 if weak else max(5.0, 96.0 - 30 * i)
+        label = "strong" if percentile >= 80 else "good" if percentile >= 40 else "weak"
+        hit["strength"] = {"percentile": percentile, "match_percentile": None, "label": label,
+                           "method": "gallery_pairs" if i else "query_sample"}  # fmt: skip
+        text = body.get("query", hit.get("text"))
+        tokens = _tokens(text)
+        places = [(0.5, 0.5 if t["start"] is None else t["start"] / len(text)) for t in tokens]
+        levels = []
+        for level, (rows, cols) in enumerate([(8, 8), (4, 4), (2, 2)]):
+            attention = [_blob(rows, cols, place) for place in places]
+            score = 0.3 - 0.1 * level
+            levels.append({"level": level, "grid": [rows, cols], "score": score, "attention": attention})
+        hit["explain"] = {"tokens": tokens, "levels": levels}
+    body["weak"] = weak
+    return body
 
 
 def _with_strength_and_explanations(weak: bool):
-    """A route handler that passes the search to the service and adds, to its answer, strengths and
-    explanations in the API's shape: word ``i`` of ``n`` found at the left-to-right fraction ``i / n``."""
+    """A route handler for text searches: the service's answer, with strengths and explanations added."""
 
     def handle(route):
         response = route.fetch()
         if response.status != 200:
             route.fulfill(response=response)
             return
-        body = response.json()
-        words = _words(body["query"])
-        for i, hit in enumerate(body["results"]):
-            percentile = 10.0 if weak else max(5.0, 96.0 - 30 * i)
-            label = "strong" if percentile >= 80 else "good" if percentile >= 40 else "weak"
-            hit["strength"] = {"percentile": percentile, "label": label}
-            levels = []
-            for level, (rows, cols) in enumerate([(8, 8), (4, 4), (2, 2)]):
-                attention = [_blob(rows, cols, (0.5, t / max(1, len(words) - 1))) for t in range(len(words))]
-                score = 0.3 - 0.1 * level
-                levels.append({"level": level, "grid": [rows, cols], "score": score, "attention": attention})
-            hit["explain"] = {"tokens": words, "levels": levels}
-        body["weak"] = weak
-        route.fulfill(response=response, json=body)
+        route.fulfill(response=response, json=_add_strength_and_explanations(response.json(), weak))
 
     return handle
 
 
-def _heatmap_pixels(page, index: int = 0) -> list[int]:
-    """The red channel of result ``index``'s heat map along its middle row (8 samples)."""
-    return page.eval_on_selector_all(
-        "canvas.heatmap",
-        f"""cs => {{ const c = cs[{index}]; const d = c.getContext('2d');
+def _image_search_explained(page, image: str, k: int):
+    """A route handler for image searches of ``image``: the service's answer for ``k`` captions, with strengths
+    and explanations added. (The upload is sent again: an intercepted request's multipart body is not kept.)"""
+
+    def handle(route):
+        upload = {"name": Path(image).name, "mimeType": "image/png", "buffer": Path(image).read_bytes()}
+        response = page.request.post(route.request.url, multipart={"image": upload, "k": str(k)})
+        route.fulfill(response=response, json=_add_strength_and_explanations(response.json(), weak=False))
+
+    return handle
+
+
+def _heatmap_pixels(page, selector: str = ".result canvas.heatmap") -> list[int]:
+    """The red channel of the (first) heat map ``selector`` finds along its middle row (8 samples)."""
+    return page.eval_on_selector(
+        selector,
+        """c => { const d = c.getContext('2d');
             return [...Array(8).keys()].map(i => d.getImageData(
-              Math.floor((i + 0.5) * c.width / 8), Math.floor(c.height / 2), 1, 1).data[0]); }}""",
+              Math.floor((i + 0.5) * c.width / 8), Math.floor(c.height / 2), 1, 1).data[0]); }""",
     )
 
 
@@ -348,8 +380,10 @@ def test_match_strength_and_the_no_good_match_note(page, world):
     page.route("**/search/text", _with_strength_and_explanations(weak=False))
     _search_text(page, _caption(world, "test_00004"), k=4)
     badges = page.locator(".result .strength").all_inner_texts()
-    assert badges == ["Strong match · 96th percentile", "Good match · 66th percentile",
-                      "Weak match · 36th percentile", "Weak match · 6th percentile"]  # fmt: skip
+    assert badges == ["Strong match", "Good match", "Weak match", "Weak match"]
+    assert page.locator(".result .strength-detail").all_inner_texts() == [
+        "Better than 96% of a sample of the gallery", "Better than 66% of random image–caption pairs",
+        "Better than 36% of random image–caption pairs", "Better than 6% of random image–caption pairs"]  # fmt: skip
     assert page.get_attribute(".result a.frame", "aria-label").startswith("Result 1, strong match")
     assert page.is_hidden("#weak-note")
     page.unroute("**/search/text")
@@ -361,20 +395,23 @@ def test_match_strength_and_the_no_good_match_note(page, world):
 def test_hovering_or_clicking_a_word_shows_heatmaps_per_level(page, world):
     page.goto("/")
     page.route("**/search/text", _with_strength_and_explanations(weak=False))
-    query = "red circle left of blue square"
+    query = "red circle left of blue square."
     _search_text(page, query, k=4)
     assert page.is_visible("#explain-bar")
-    assert page.locator("#query-words .word").all_inner_texts() == query.split()
-    assert page.locator("canvas.heatmap:visible").count() == 0  # nothing until a word is chosen
+    # Words, not WordPiece pieces ("cir" + "##cle" is one button) nor the encoder's [CLS] and [SEP].
+    assert page.locator("#query-words .word").all_inner_texts() == ["red", "circle", "left", "of", "blue",
+                                                                    "square", "."]  # fmt: skip
+    shown = ".result canvas.heatmap:not([hidden])"
+    assert page.locator(shown).count() == 0  # nothing until a word is chosen
     assert "Per level: fine detail 0.300" in page.inner_text(".result .level-scores")
 
     page.hover("#query-words .word >> nth=0")  # "red": found at the left
-    page.wait_for_function("() => document.querySelectorAll('canvas.heatmap:not([hidden])').length === 4")
+    page.wait_for_function(f"() => document.querySelectorAll('{shown}').length === 4")
     assert page.get_attribute(".result", "data-heatmap") == "red@0"
     left = _heatmap_pixels(page)
     assert left[1] > left[6], left  # bright where the word was found, dark elsewhere
     page.mouse.move(0, 0)  # away: gone again
-    page.wait_for_function("() => document.querySelectorAll('canvas.heatmap:not([hidden])').length === 0")
+    page.wait_for_function(f"() => document.querySelectorAll('{shown}').length === 0")
 
     page.click("#query-words .word >> nth=5")  # "square", found at the right: pinned by a click
     page.mouse.move(0, 0)
@@ -391,27 +428,105 @@ def test_hovering_or_clicking_a_word_shows_heatmaps_per_level(page, world):
     page.keyboard.press("Enter")
     assert page.get_attribute(".result", "data-heatmap") == "circle@2"
     page.keyboard.press("Enter")
-    assert page.locator("canvas.heatmap:visible").count() == 0
+    assert page.locator(shown).count() == 0
+    # More results: the new ones are explained too, the word stays chosen.
+    page.click("#query-words .word >> nth=0")
+    page.click("#more-button")
+    page.wait_for_function(f"() => document.querySelectorAll('{shown}').length === 8")
+
+
+def test_an_image_search_maps_caption_words_onto_the_query_image(page, world):
+    page.goto("/")
+    image = world["items"]["test_00007"]["image"]
+    page.route("**/search/image", _image_search_explained(page, image, k=3))
+    page.set_input_files("#image-input", image)
+    page.click("#image-button")
+    page.wait_for_selector(".result .caption .word")
+    page.wait_for_function("() => document.querySelector('#preview-image').naturalWidth > 0")
+    assert "caption" in page.inner_text("#explain-help") and page.is_hidden("#query-words")
+    first = page.locator(".result").first
+    caption = first.locator(".caption")
+    assert caption.inner_text() == page.evaluate("() => document.querySelector('.result .caption').textContent")
+    words = caption.locator(".word")
+    assert words.count() >= 3 and page.is_hidden("#preview-heatmap")
+    words.first.hover()  # the caption's first word: found at the left of the query image
+    page.wait_for_selector("#preview-heatmap:not([hidden])")
+    assert page.get_attribute("#query-preview", "data-heatmap") == words.first.inner_text() + "@0"
+    assert "explaining" in first.get_attribute("class")
+    left = _heatmap_pixels(page, "#preview-heatmap")
+    assert left[1] > left[6], left
+    page.mouse.move(0, 0)
+    page.wait_for_selector("#preview-heatmap", state="hidden")
+    words.last.click()  # pinned
+    page.mouse.move(0, 0)
+    assert page.get_attribute("#query-preview", "data-heatmap") == words.last.inner_text() + "@0"
+    assert page.locator(".result canvas.heatmap").count() == 0  # the results' images are not what is explained
+
+
+def test_explain_matches_asks_the_service_and_shows_its_maps(page, world):
+    page.goto("/")
+    assert page.is_visible("#explain")
+    _search_text(page, _caption(world, "test_00004"), k=3)
+    assert page.is_hidden("#explain-bar")  # not asked
+    assert page.locator(".result .strength").count() == 3  # the service rates every re-ranked result
+    page.check("#explain")
+    with page.expect_request("**/search/text") as sent:
+        page.click("#search-button")
+    assert sent.value.post_data_json["explain"] is True
+    page.wait_for_selector("#explain-bar:not([hidden])")
+    words = page.locator("#query-words .word")
+    assert words.count() >= 3
+    assert page.locator("#level-switch input").count() == 3
+    words.nth(1).hover()
+    page.wait_for_function("() => document.querySelectorAll('.result canvas.heatmap:not([hidden])').length === 3")
+    assert page.get_attribute(".result", "data-heatmap") == words.nth(1).inner_text() + "@0"
+    # Image -> captions: each caption's words over the query image.
+    page.set_input_files("#image-input", world["items"]["test_00007"]["image"])
+    page.click("#image-button")
+    page.wait_for_selector(".result .caption .word")
+    page.wait_for_function("() => document.querySelector('#preview-image').naturalWidth > 0")
+    word = page.locator(".result .caption .word").first
+    word.hover()
+    page.wait_for_selector("#preview-heatmap:not([hidden])")
+    assert page.get_attribute("#query-preview", "data-heatmap") == word.inner_text() + "@0"
+    # Image -> images is not explained by the service: the page does not ask (it would be refused).
+    page.select_option("#target", "image")
+    page.click("#image-button")
+    page.wait_for_selector(".result img")
+    assert "images like yours" in page.inner_text("#status") and page.is_hidden("#explain-bar")
+
+
+def _screenshot(page, path: Path) -> None:
+    """The whole page, seen from its top (where the sticky query image sits)."""
+    page.evaluate("() => window.scrollTo(0, 0)")
+    page.screenshot(path=str(path), full_page=True)
 
 
 def test_screenshots_at_desktop_and_phone_width(open_page, world, shots, capsys):
     for name, viewport in (("desktop", DESKTOP), ("phone", PHONE)):
         page = open_page(viewport)
         page.goto("/")
-        page.route("**/search/text", _with_strength_and_explanations(weak=False))
-        _search_text(page, "red circle left of blue square", k=6)
-        page.click("#query-words .word >> nth=0")
-        page.screenshot(path=str(shots / f"{name}-text-explained.png"), full_page=True)
+        page.check("#explain")
+        _search_text(page, _caption(world, "test_00004"), k=6)
+        page.click("#query-words .word >> nth=1")
+        _screenshot(page, shots / f"{name}-text-explained.png")
         page.set_input_files("#image-input", world["items"]["test_00007"]["image"])
         page.click("#image-button")
-        page.wait_for_selector(".result .caption")
+        page.wait_for_selector(".result .caption .word")
         page.wait_for_function(ALL_IMAGES_LOADED)
         page.wait_for_function("() => document.querySelector('#preview-image').naturalWidth > 0")
-        page.screenshot(path=str(shots / f"{name}-image-search.png"), full_page=True)
+        page.click(".result .caption .word >> nth=2")
+        _screenshot(page, shots / f"{name}-image-explained.png")
+        # Further down the results, the query image (and its heat map) is still in sight.
+        page.locator(".result >> nth=5").locator(".caption .word").nth(1).click()
+        page.wait_for_selector("#preview-heatmap:not([hidden])")
+        box = page.locator("#preview-heatmap").bounding_box()
+        assert box["y"] >= 0 and box["y"] + box["height"] <= viewport["height"], box
+        page.screenshot(path=str(shots / f"{name}-image-explained-scrolled.png"))
         page.eval_on_selector("#query", "q => { q.value = 'a'.repeat(1001); }")
         page.click("#search-button")
         page.wait_for_selector("#status.error")
-        page.screenshot(path=str(shots / f"{name}-error.png"), full_page=True)
+        _screenshot(page, shots / f"{name}-error.png")
         # Nothing wider than the window, at either width.
         assert page.evaluate("() => document.documentElement.scrollWidth") <= viewport["width"]
     with capsys.disabled():
