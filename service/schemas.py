@@ -199,10 +199,20 @@ class HealthResponse(Closed):
     status: Literal["ok"]
 
 
+class ShardReadiness(Closed):
+    shard: int
+    ready: bool = Field(description="A replica of the shard answered the last poll.")
+    version: str | None = None
+    images: int | None = None
+    captions: int | None = None
+    node: str | None = Field(None, description="The host of the replica that answered the last poll.")
+
+
 class ReadyResponse(Closed):
     ready: Literal[True]
     index_version: str
     model: str = Field(description="The loaded model's identity (a hash of its weights and configuration).")
+    shards: list[ShardReadiness] | None = Field(None, description="`python -m service.cluster` only: each shard.")
 
 
 class NotReadyResponse(Closed):
@@ -270,6 +280,10 @@ WEAK = Field(description="true when the best result is weak (or there is none): 
 FILTER_MATCHES = Field(None, description="Items the filter matched (when a filter was given).")
 
 
+PARTIAL = Field(False, description="`python -m service.cluster` only: true when some shards did not answer in time.")
+MISSING_SHARDS = Field(default_factory=list, description="`python -m service.cluster` only: the shards left out.")
+
+
 class TextSearchResponse(Closed):
     results: list[Result]
     weak: bool = WEAK
@@ -285,6 +299,8 @@ class TextSearchResponse(Closed):
     query: str
     k: int
     candidates: int
+    partial: bool = PARTIAL
+    missing_shards: list[int] = MISSING_SHARDS
 
 
 class ImageSearchResponse(Closed):
@@ -297,6 +313,8 @@ class ImageSearchResponse(Closed):
     index_version: str
     k: int
     candidates: int
+    partial: bool = PARTIAL
+    missing_shards: list[int] = MISSING_SHARDS
 
 
 class IndexInfo(Closed):
