@@ -28,6 +28,7 @@ RELOAD_TIMEOUT = 120  # the api polls `current` every 2 s
 @pytest.fixture(scope="module")
 def ray_compose(hat_image):
     with compose_project("hat-search-ray-test", "ray", log_lines=40) as c:
+        c.env["HAT_CLUSTER_PUBLISH_PORT"] = str(free_port())  # ray-head publishes ray-serve's HTTP entry point
         yield c
 
 
@@ -88,16 +89,17 @@ def test_ray_profile_builds_on_two_workers_and_api_serves_it(ray_compose):
 
 def test_ray_profile_serves_a_sharded_index(ray_compose):
     """``ray-build`` with ``HAT_SHARDS=2`` into /data/sharded, then ``ray-serve`` (``python -m service.cluster
-    --replicas 2 --spread``): the api's HTTP API on its own port, every shard answered from both workers."""
+    --replicas 2 --spread --proxy head-only``): the api's HTTP API on the head's published port, every shard
+    answered from both workers."""
     c = ray_compose
     env = {"HAT_SHARDS": "2", "HAT_BUILD_OUT": "/data/sharded"}
     done = c.run_job("ray-build", *RAY, timeout=BUILD_JOB_TIMEOUT, env=env)
     assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert summary["indexed"] == 1000 and summary["version"].startswith("00="), summary
-    port = free_port()
+    port = c.env["HAT_CLUSTER_PUBLISH_PORT"]
     started = time.monotonic()
-    c(*RAY, "up", "-d", "ray-serve", timeout=300, env={"HAT_CLUSTER_PUBLISH_PORT": str(port)})
+    c(*RAY, "up", "-d", "ray-serve", timeout=300)
     c.wait_healthy("ray-serve", READY_TIMEOUT, *RAY)
     print(f"\nray-serve ready after {time.monotonic() - started:.1f} s")
     with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:

@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "CPUs shared by all replicas, the encoder and the ingress, at most 1)")
     p.add_argument("--spread", action="store_true", help="at most one replica of a shard per node (with "
                    "--replicas 2 on two nodes, each node holds every shard: either can answer alone)")
+    p.add_argument("--proxy", choices=("every-node", "head-only"), default="every-node",
+                   help="where Ray Serve's HTTP proxies listen: on every node that holds a replica, or only on the "
+                   "head node (one entry point, e.g. a published container port)")
     p.add_argument("--host", help="HTTP address (default: HAT_HOST, 127.0.0.1)")
     p.add_argument("--port", type=int, help="HTTP port (default: HAT_PORT, 8000)")
     return p
@@ -73,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: --ray {args.ray}: cannot connect to a Ray cluster ({type(exc).__name__}: {exc})",
                   file=sys.stderr)  # fmt: skip
             return 2
-    deploy(settings, shards, args.replicas, args.replica_cpus, args.spread)
+    deploy(settings, shards, args.replicas, args.replica_cpus, args.spread, args.proxy)
     print(f"serving {settings.index_root} ({shards} shard(s) x {args.replicas} replica(s)) on "
           f"http://{settings.host}:{settings.port}/", flush=True)  # fmt: skip
     stop = threading.Event()

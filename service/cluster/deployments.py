@@ -157,7 +157,7 @@ def plan_resources(total_cpus: float, total_gpus: float, shards: int, replicas: 
 
 
 def deploy(settings: Settings, shards: int, replicas: int, replica_cpus: float | None = None,
-           spread: bool = False) -> None:
+           spread: bool = False, proxy: str = "every-node") -> None:
     """Start Ray Serve's HTTP proxy on ``settings.host:port`` and run the application on the connected cluster;
     returns once every replica has started."""
     import ray
@@ -165,6 +165,7 @@ def deploy(settings: Settings, shards: int, replicas: int, replica_cpus: float |
     resources = ray.cluster_resources()
     cpus, gpus = plan_resources(resources.get("CPU", 1.0), resources.get("GPU", 0.0), shards, replicas,
                                 replica_cpus)  # fmt: skip
-    serve.start(http_options={"host": settings.host, "port": settings.port})
+    location = "HeadOnly" if proxy == "head-only" else "EveryNode"
+    serve.start(http_options={"host": settings.host, "port": settings.port}, proxy_location=location)
     app = application(settings.model_dump(), shards, replicas, cpus, gpus, spread)
     serve.run(app, name=APP_NAME, route_prefix="/")
