@@ -1,5 +1,4 @@
-"""Metadata filters: which gallery rows a filter ``{"key": value | [values]}`` allows, from inverted maps built
-when an index is opened.
+"""Metadata filters: which gallery rows a filter ``{"key": value | [values]}`` allows.
 
 A filter keeps an item when, for every key, the item's metadata value under that key equals the given value
 (a scalar) or one of the given values (a list). An item whose metadata value is a list matches when any of
@@ -7,9 +6,10 @@ its elements does (``"tags": ["a", "b"]`` matches ``{"tags": "a"}``). Values com
 by value (``1`` equals ``1.0``), never equal to strings or booleans; ``null`` matches an explicit null only.
 Object values and lists nested in lists are never matched (their keys are still known).
 
-:class:`MetadataIndex` holds, for each key, every distinct value's rows in one sorted array (CSR layout), so
-the rows of a filter cost the size of the answer, not of the gallery. Captions of gallery images are
-filtered by their image's metadata; captions of a text-only corpus (no image) by their own.
+:class:`MetadataIndex` builds, the first time a filter names a key, that key's inverted map from the index's
+``metadata.sqlite`` (SQLite's JSON functions read the column): every distinct value's rows in one sorted array
+(CSR layout), so the rows of a filter then cost the size of the answer, not of the gallery. Captions of gallery
+images are filtered by their image's metadata; captions of a text-only corpus (no image) by their own.
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ from __future__ import annotations
 import json
 import math
 import sqlite3
+import threading
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -73,9 +75,15 @@ def check_filter(raw: Any) -> dict[str, tuple[Scalar, ...]]:
 class _Postings:
     """One key's values and their rows: ``rows[offsets[c]:offsets[c + 1]]`` (sorted) hold value code ``c``."""
 
-    def __init__(self, codes: dict[Any, int], pairs_code: list[int], pairs_row: list[int]) -> None:
-        code = np.asarray(pairs_code, dtype=np.int64)
-        row = np.asarray(pairs_row, dtype=np.int64)
+    def __init__(self, pairs: Iterable[tuple[int, Any]]) -> None:
+        codes: dict[Any, int] = {}
+        code_of, row_of = [], []
+        for row, value in pairs:
+            if value is not _ABSENT:
+                code_of.append(codes.setdefault(value, len(codes)))
+                row_of.append(row)
+        code = np.asarray(code_of, dtype=np.int64)
+        row = np.asarray(row_of, dtype=np.int64)
         order = np.lexsort((row, code))
         self.codes = codes
         self.rows = row[order]
@@ -87,46 +95,87 @@ class _Postings:
             c = self.codes.get(_key(value))
             if c is not None:
                 parts.append(self.rows[self.offsets[c] : self.offsets[c + 1]])
-        if not parts:
-            return np.zeros(0, np.int64)
-        return parts[0] if len(parts) == 1 else np.unique(np.concatenate(parts))
+        if len(parts) <= 1:
+            return parts[0] if parts else np.zeros(0, np.int64)
+        return _unique(np.concatenate(parts))  # a list-valued entry may match two of the values
+
+
+# SQLite's json_each types -> the value's key (true/false come as 1/0, told apart by the type)
+_SQL_TYPES = {
+    "text": lambda v: v,
+    "integer": lambda v: ("num", v),
+    "real": lambda v: _key(float(v)),
+    "true": lambda v: ("bool", True),
+    "false": lambda v: ("bool", False),
+    "null": lambda v: None,
+}
 
 
 class MetadataIndex:
-    """Inverted maps of one kind of rows: for every metadata key, every value's rows."""
+    """Inverted maps of the metadata of one table's rows (``images``, or the text-only ``captions``), built per
+    key the first time a filter names it (SQLite's JSON functions read the column; cached for the index's
+    life), on a connection of its own."""
 
-    def __init__(self, entries: Iterable[tuple[int, str | None]]) -> None:
-        """``entries``: ``(row, metadata JSON text)`` pairs."""
-        codes: dict[str, dict[Any, int]] = {}
-        pairs: dict[str, tuple[list[int], list[int]]] = {}
-        for row, text in entries:
-            if not text or text == "{}":
-                continue
-            metadata = json.loads(text)
-            if not isinstance(metadata, dict):
-                continue
-            for key, value in metadata.items():
-                key_codes = codes.setdefault(key, {})
-                key_rows, key_pairs = pairs.setdefault(key, ([], []))
-                for item in value if isinstance(value, list) else (value,):
-                    k = _key(item)
-                    if k is _ABSENT:
-                        continue
-                    key_rows.append(key_codes.setdefault(k, len(key_codes)))
-                    key_pairs.append(row)
-        self.postings = {key: _Postings(codes[key], *pairs[key]) for key in codes}
+    def __init__(self, db: sqlite3.Connection, table: str, where: str = "1") -> None:
+        self.db, self.table, self.where = db, table, where
+        self.postings: dict[str, _Postings] = {}
+        self._keys: list[str] | None = None
+        self._lock = threading.Lock()
 
     @property
     def keys(self) -> list[str]:
-        return sorted(self.postings)
+        """Every top-level metadata key of the table's rows (one pass over the table, then cached)."""
+        with self._lock:
+            if self._keys is None:
+                self._keys = sorted(
+                    k for (k,) in self.db.execute(
+                        f"SELECT DISTINCT j.key FROM {self.table} t, json_each(t.metadata) j "
+                        f"WHERE {self.where} AND json_valid(t.metadata) AND json_type(t.metadata) = 'object'"
+                    )
+                )  # fmt: skip
+            return self._keys
+
+    def knows(self, key: str) -> bool:
+        """Whether some row has ``key`` (stops at the first; cached when the keys were listed)."""
+        if self._keys is not None or '"' in key:
+            return key in self.keys
+        path = _path(key)
+        sql = (
+            f"SELECT 1 FROM {self.table} t WHERE {self.where} AND json_valid(t.metadata) "
+            "AND json_type(t.metadata, ?) IS NOT NULL LIMIT 1"
+        )
+        with self._lock:
+            return self.db.execute(sql, (path,)).fetchone() is not None
+
+    def _postings(self, key: str) -> _Postings:
+        with self._lock:
+            if key not in self.postings:
+                self.postings[key] = _Postings(self._pairs(key))
+            return self.postings[key]
+
+    def _pairs(self, key: str):
+        """``(row, value key)`` for every scalar under ``key`` (each element of a list)."""
+        if '"' in key:  # not expressible as a SQLite JSON path: parse the rows here
+            for row, text in self.db.execute(f"SELECT row, metadata FROM {self.table} t WHERE {self.where}"):
+                value = json.loads(text).get(key, _ABSENT) if text else _ABSENT
+                for item in value if isinstance(value, list) else (value,):
+                    yield row, _key(item) if item is not _ABSENT else _ABSENT
+            return
+        path = _path(key)
+        sql = (
+            f"SELECT t.row, j.type, j.value FROM {self.table} t, json_each(t.metadata, ?) j WHERE {self.where} "
+            "AND json_valid(t.metadata) AND json_type(t.metadata, ?) != 'object' "
+            "AND j.type NOT IN ('array', 'object')"
+        )
+        for row, kind, value in self.db.execute(sql, (path, path)):
+            yield row, _SQL_TYPES[kind](value)
 
     def rows(self, flt: Mapping[str, tuple[Scalar, ...]]) -> np.ndarray:
-        """Sorted rows matching every key of ``flt`` (keys this map lacks match nothing)."""
+        """Sorted rows matching every key of ``flt`` (keys no row has match nothing)."""
         out = None
         for key, values in flt.items():
-            postings = self.postings.get(key)
-            found = postings.lookup(values) if postings is not None else np.zeros(0, np.int64)
-            out = found if out is None else np.intersect1d(out, found, assume_unique=True)
+            found = self._postings(key).lookup(values)
+            out = found if out is None else _intersect(out, found)
             if not len(out):
                 break
         return out if out is not None else np.zeros(0, np.int64)
@@ -134,24 +183,38 @@ class MetadataIndex:
 
 class GalleryFilters:
     """The filters of one index version: image rows by their metadata, caption rows by their image's metadata
-    (a text-only caption by its own)."""
+    (a text-only caption by its own). Reads ``metadata.sqlite`` on a read-only connection of its own."""
 
-    def __init__(self, db: sqlite3.Connection, num_images: int, num_captions: int) -> None:
-        self.images = MetadataIndex(db.execute("SELECT row, metadata FROM images"))
-        self.texts = MetadataIndex(db.execute("SELECT row, metadata FROM captions WHERE image_id IS NULL"))
-        owner = np.full(num_captions, -1, np.int64)  # caption row -> its image's row (-1: a text-only caption)
-        linked = db.execute("SELECT c.row, i.row FROM captions c JOIN images i ON i.id = c.image_id").fetchall()
-        if linked:
-            pairs = np.asarray(linked, dtype=np.int64)
-            owner[pairs[:, 0]] = pairs[:, 1]
-        self.caption_image = owner
-        self._caption_order = np.argsort(owner, kind="stable")  # caption rows grouped by image row
-        self._caption_start = np.searchsorted(owner[self._caption_order], np.arange(num_images + 1))
+    def __init__(self, path: Path, num_images: int, num_captions: int) -> None:
+        self.db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
+        self.images = MetadataIndex(self.db, "images")
+        self.texts = MetadataIndex(self.db, "captions", "t.image_id IS NULL")
         self.num_images, self.num_captions = num_images, num_captions
+        self._owner: np.ndarray | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def caption_image(self) -> np.ndarray:
+        """``[M]``: each caption row's image row (-1: a text-only caption); read once, on first use."""
+        with self._lock:
+            if self._owner is None:
+                owner = np.full(self.num_captions, -1, np.int64)
+                sql = "SELECT c.row, i.row FROM captions c JOIN images i ON i.id = c.image_id"
+                linked = np.asarray(self.db.execute(sql).fetchall(), dtype=np.int64).reshape(-1, 2)
+                owner[linked[:, 0]] = linked[:, 1]
+                self._caption_order = np.argsort(owner, kind="stable")  # caption rows grouped by image row
+                self._caption_start = np.searchsorted(owner[self._caption_order], np.arange(self.num_images + 1))
+                self._owner = owner
+            return self._owner
 
     def keys(self, kind: str) -> list[str]:
-        """The metadata keys a filter of ``kind`` ("images" or "captions") may name."""
+        """The metadata keys a filter of ``kind`` ("images" or "captions") may name (one pass over the rows)."""
         return self.images.keys if kind == "images" else sorted(set(self.images.keys) | set(self.texts.keys))
+
+    def unknown(self, kind: str, flt: Mapping[str, Any]) -> list[str]:
+        """The keys of ``flt`` that no row of ``kind`` has."""
+        tables = (self.images,) if kind == "images" else (self.images, self.texts)
+        return [key for key in flt if not any(table.knows(key) for table in tables)]
 
     def rows(self, kind: str, flt: Mapping[str, tuple[Scalar, ...]]) -> np.ndarray:
         """Sorted rows of ``kind`` kept by a checked filter (:func:`check_filter`; keys unknown here match
@@ -159,8 +222,31 @@ class GalleryFilters:
         images = self.images.rows(flt)
         if kind == "images":
             return images
+        self.caption_image  # noqa: B018 - reads the caption -> image table on first use
         captions = self._caption_order[_ranges(self._caption_start[images], self._caption_start[images + 1])]
-        return np.union1d(captions, self.texts.rows(flt))
+        texts = self.texts.rows(flt) if self.texts.keys else np.zeros(0, np.int64)
+        return np.sort(np.concatenate([captions, texts]))  # disjoint: text-only captions have no image
+
+    def close(self) -> None:
+        self.db.close()
+
+
+def _path(key: str) -> str:
+    """The SQLite JSON path of a top-level ``key`` (without a double quote)."""
+    return f'$."{key}"'
+
+
+def _unique(x: np.ndarray) -> np.ndarray:
+    x = np.sort(x)
+    return x[np.concatenate([[True], x[1:] != x[:-1]])] if len(x) else x
+
+
+def _intersect(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Sorted unique ``a`` and ``b`` -> their common elements."""
+    if not len(a) or not len(b):
+        return np.zeros(0, np.int64)
+    at = np.minimum(np.searchsorted(b, a), len(b) - 1)
+    return a[b[at] == a]
 
 
 def require_known(flt: Mapping[str, Any], known: Iterable[str]) -> None:

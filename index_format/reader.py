@@ -127,9 +127,8 @@ class GalleryIndex:
             uri = f"file:{directory / 'metadata.sqlite'}?mode=ro"
             self.db = sqlite3.connect(uri, uri=True, check_same_thread=False)
             self.db.execute("SELECT count(*) FROM images").fetchone()
-            self.filters = GalleryFilters(self.db, self.num_images, self.num_captions)
+            self.filters = GalleryFilters(directory / "metadata.sqlite", self.num_images, self.num_captions)
         except (sqlite3.Error, ValueError) as exc:
-            self.db.close()
             raise IndexFormatError(f"index {directory}: cannot read metadata.sqlite ({exc})") from exc
         self.strength = StrengthScale(manifest.get("strength"), self.num_images, self.num_captions)
 
@@ -334,6 +333,7 @@ class GalleryIndex:
 
     def close(self) -> None:
         self.db.close()
+        self.filters.close()
 
 
 def rescore(q: np.ndarray, rows: np.ndarray, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

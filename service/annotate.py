@@ -24,13 +24,13 @@ ATTENTION_DECIMALS = 6  # attention weights in the JSON (a row of 784 still sums
 
 
 def filter_errors(flt: dict | None, answers: list) -> ServiceError | None:
-    """The 422 a filter gets when it names a key that no part's items have (the parts' answers list the keys
-    they know), None otherwise."""
-    if flt is None:
+    """The 422 a filter gets when it names a key that no part's items have, None otherwise. A part's answer
+    lists the keys it has only when it lacks some of the filter's (``keys`` None: it has them all)."""
+    if flt is None or any(answer.keys is None for answer in answers):
         return None
     known: set[str] = set()
     for answer in answers:
-        known.update(answer.keys or ())
+        known.update(answer.keys)
     try:
         require_known(flt, known)
     except FilterError as exc:

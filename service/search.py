@@ -165,7 +165,8 @@ class TextFeatures:
 @dataclass
 class PartAnswer:
     """One index part's answer to one query: its best entries (score order) and its stage times; for a
-    filtered search, how many of its items the filter matched and the metadata keys it knows."""
+    filtered search, how many of its items the filter matched and, when the part lacks some of the filter's keys,
+    the metadata keys it has (None: it has them all)."""
 
     entries: list[dict]
     ms: dict[str, float]
@@ -238,8 +239,10 @@ def _filtered(part, kind: str, vector: np.ndarray, flt: dict, wanted: int, clock
 
 
 def _answer(part, kind: str, p: SearchParams, entries: list[dict], ms: dict, matches: int | None) -> PartAnswer:
-    """A part's answer; a filtered one says how many items matched and which metadata keys the part knows."""
-    return PartAnswer(entries, ms, matches, part.filters.keys(kind) if p.filter is not None else None)
+    """A part's answer; a filtered one says how many items matched and, when some of the filter's keys are
+    unknown to the part, which metadata keys it knows."""
+    unknown = part.filters.unknown(kind, p.filter) if p.filter is not None else []
+    return PartAnswer(entries, ms, matches, part.filters.keys(kind) if unknown else None)
 
 
 def _rerank(part, lock, kind: str, first, rows, p: SearchParams, score, explain, clock: _Clock) -> list[dict]:
