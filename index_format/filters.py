@@ -114,13 +114,13 @@ _SQL_TYPES = {
 class MetadataIndex:
     """Inverted maps of the metadata of one table's rows (``images``, or the text-only ``captions``), built per
     key the first time a filter names it (SQLite's JSON functions read the column; cached for the index's
-    life), on a connection of its own."""
+    life). ``lock`` guards the connection, which other maps may share."""
 
-    def __init__(self, db: sqlite3.Connection, table: str, where: str = "1") -> None:
+    def __init__(self, db: sqlite3.Connection, table: str, where: str = "1", lock: threading.RLock | None = None):
         self.db, self.table, self.where = db, table, where
         self.postings: dict[str, _Postings] = {}
         self._keys: list[str] | None = None
-        self._lock = threading.Lock()
+        self._lock = lock or threading.RLock()
 
     @property
     def keys(self) -> list[str]:
@@ -187,11 +187,11 @@ class GalleryFilters:
 
     def __init__(self, path: Path, num_images: int, num_captions: int) -> None:
         self.db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
-        self.images = MetadataIndex(self.db, "images")
-        self.texts = MetadataIndex(self.db, "captions", "t.image_id IS NULL")
+        self._lock = threading.RLock()  # one query at a time on the connection
+        self.images = MetadataIndex(self.db, "images", lock=self._lock)
+        self.texts = MetadataIndex(self.db, "captions", "t.image_id IS NULL", lock=self._lock)
         self.num_images, self.num_captions = num_images, num_captions
         self._owner: np.ndarray | None = None
-        self._lock = threading.Lock()
 
     @property
     def caption_image(self) -> np.ndarray:

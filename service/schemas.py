@@ -66,19 +66,33 @@ def _form_integer(value: Any) -> Any:
     return int(value)
 
 
-# A character the text encoder keeps: not whitespace, not a control, format (zero-width), private-use or
-# unassigned character (BERT's tokenizer drops categories C*), not a lone combining mark (uncased BERT strips
-# accents). The schema's pattern states the same for the ranges a JSON-schema regex can name; ``_searchable``
-# is exact.
-SEARCHABLE = (
-    r"[^\s\x00-\x1f\x7f-\x9f\u00ad\u0300-\u036f\u200b-\u200f\u2028-\u202e\u2060-\u206f\ufeff"
-    r"\ue000-\uf8ff\ufff0-\uffff]"
-)
-
-
 def _searchable(ch: str) -> bool:
+    """A character the text encoder keeps: not whitespace, not a control, format (zero-width), private-use or
+    unassigned character (BERT's tokenizer drops categories C*), not a lone combining mark (uncased BERT strips
+    accents)."""
     category = unicodedata.category(ch)
     return not ch.isspace() and category[0] != "C" and category != "Mn"
+
+
+@functools.cache
+def searchable_pattern() -> str:
+    """The schema's pattern for a query: at least one :func:`_searchable` character. Its class lists every
+    character ``_searchable`` refuses (this Python's Unicode tables, surrogates left out), so that the schema
+    and the check agree on every character: ``\\uXXXX`` in the BMP, the characters themselves above it."""
+
+    def char(c: int) -> str:
+        return f"\\u{c:04x}" if c < 0x10000 else chr(c)
+
+    ranges, start = [], None
+    for c in [*range(0xD800), *range(0xE000, 0x110000), 0x110000]:
+        refused = c < 0x110000 and not _searchable(chr(c))
+        if refused and start is None:
+            start = c
+        elif not refused and start is not None:
+            end = c - 1 if c != 0xE000 else 0xD7FF
+            ranges.append(char(start) if start == end else f"{char(start)}-{char(end)}")
+            start = None
+    return "[^" + "".join(ranges) + "]"
 
 
 def _not_blank(query: str) -> str:
@@ -152,7 +166,7 @@ def text_request_model(limits: RequestLimits) -> type[Closed]:
         query: Query = Field(
             min_length=1,
             max_length=limits.max_query_chars,
-            pattern=SEARCHABLE,
+            pattern=searchable_pattern(),
             description="The caption to search for (HAT_MAX_QUERY_CHARS at most), with at least one searchable "
             "character: not only whitespace, control, zero-width or combining characters.",
         )

@@ -114,3 +114,22 @@ def test_explanation_comes_from_the_reranked_features(built, model, store):
                 torch.testing.assert_close(a.word_maps.sum(dim=1), torch.ones(len(a.word_maps)))
     assert explained[0][0].word_maps.shape[0] == n  # [CLS] and [SEP] included here
     index.close()
+
+
+def test_filtered_search_on_the_compressed_tier(world, tmp_path, model):
+    """An IVF-PQ first stage re-scored from the segments (the manifest's refine), restricted to allowed rows:
+    the best allowed rows by exact inner product, as many as asked when enough are allowed."""
+    build(world / "manifest.jsonl", str(DEMO_MODEL), tmp_path / "root", _opts(exact_limit=5, compress_limit=10))
+    index = open_index(tmp_path / "root")
+    assert index.refine.get("images")
+    with torch.inference_mode():
+        levels, lengths = model.encode_text_strings(["a small blue star"])
+        vector = model.global_texts(levels, lengths).numpy()
+    allowed = np.array([1, 4, 9, 16, 23])
+    scores, rows = index.search("images", vector, 3, allowed=allowed)
+    exact = index.global_vectors("images", allowed) @ vector[0]
+    assert rows[0].tolist() == allowed[np.argsort(-exact)[:3]].tolist()
+    np.testing.assert_allclose(scores[0], np.sort(exact)[::-1][:3], atol=1e-5)
+    assert index.search("images", vector, 10, allowed=allowed)[1].shape == (1, 5)
+    assert index.search("images", vector, 10, allowed=np.zeros(0, np.int64))[1].shape == (1, 0)
+    index.close()

@@ -149,3 +149,69 @@ def test_image_explanation_has_the_captions_words(client, world):
         assert "".join(t["text"] for t in tokens).lower() == "".join(hit["text"].split()).lower()
         assert all(hit["text"][t["start"] : t["end"]] == t["text"] for t in tokens)
         _check_levels(hit["explain"], hit["score"], len(tokens))
+
+
+def test_a_sharded_index_filters_rates_and_explains_as_one(client, start_server, sharded_root, world):
+    """Each shard filters, rates and explains its own results: merged, they equal the unsharded index's (flat
+    first stage, every match re-ranked), filter_matches is summed, and a key no shard has is refused."""
+    sharded = start_server(index_root=str(sharded_root))
+    sharded.wait_ready()
+    query = world["items"]["test_00017"]["captions"][0]
+    body = {"query": query, "k": 4, "filter": {"n": ALLOWED}, "explain": True}
+    want = _text(client, **body)
+    with sharded.client() as other:
+        got = _text(other, **body)
+        unknown = other.post("/search/text", json={"query": query, "filter": {"colour": "red"}})
+    assert got["filter_matches"] == want["filter_matches"] == 4 and got["weak"] == want["weak"]
+    assert [h["id"] for h in got["results"]] == [h["id"] for h in want["results"]]
+    for a, b in zip(got["results"], want["results"], strict=True):
+        assert abs(a["score"] - b["score"]) < 1e-5 and a["explain"]["tokens"] == b["explain"]["tokens"]
+        assert a["strength"]["method"] == "gallery_pairs"  # each shard calibrated on its own captions
+    assert unknown.status_code == 422 and unknown.json()["error"]["code"] == "unknown_filter_key"
+    assert '["n", "split"]' in unknown.json()["error"]["message"]
+
+
+def test_a_batch_mixing_filtered_explained_and_plain_queries(index_root, demo_model, world):
+    """Queries batched together (one encoder forward) answer as they do alone, whatever the others ask."""
+    import threading
+    import time
+
+    from service.search import SearchOptions, SearchParams, search_texts
+    from service.state import IndexState
+
+    index = open_index(index_root)
+    state = IndexState(index=index, version=index.version, key="", loaded_at=time.time(), lock=threading.Lock())
+    options = SearchOptions(rerank_dtype=torch.float32, max_image_pixels=1_000_000)
+    queries = [
+        (world["items"]["test_00003"]["captions"][1], SearchParams(5, 20)),
+        ("a blue square", SearchParams(3, 10, filter={"n": tuple(ALLOWED)}, explain=True)),
+        ("a green star", SearchParams(3, 10, filter={"colour": ("red",)})),
+        ("\u200b", SearchParams(3, 10)),
+        ("a red circle", SearchParams(4, 40, filter={"split": ("test",)})),
+    ]
+    together = search_texts(demo_model, state, queries, options)
+    for (query, params), got in zip(queries, together, strict=True):
+        alone = search_texts(demo_model, state, [(query, params)], options)[0]
+        if isinstance(alone, Exception):
+            assert type(got) is type(alone) and got.code == alone.code
+            continue
+        assert [h["id"] for h in got["results"]] == [h["id"] for h in alone["results"]]
+        np.testing.assert_allclose([h["score"] for h in got["results"]], [h["score"] for h in alone["results"]],
+                                   atol=1e-5)  # fmt: skip
+        assert got.get("filter_matches") == alone.get("filter_matches") and got["weak"] == alone["weak"]
+    assert [getattr(out, "code", None) for out in together] == [None, None, "unknown_filter_key", "empty_query", None]
+    assert together[1]["results"][0]["explain"]["tokens"][0]["text"] == "a"
+    index.close()
+
+
+def test_the_query_pattern_agrees_with_the_check_on_every_character():
+    """The schema's query pattern and the server's check (``_searchable``) agree character by character, so a
+    query the schema calls valid is never refused as empty (the fuzzer found astral private-use and unassigned
+    characters the earlier, hand-written pattern let through)."""
+    import re
+
+    from service.schemas import _searchable, searchable_pattern
+
+    pattern = re.compile(searchable_pattern())
+    codes = [*range(0, 0xD800, 3), *range(0xE000, 0x110000, 5), 0x14ECA, 0xF4A5F, 0x10FFFF]
+    assert [c for c in codes if bool(pattern.fullmatch(chr(c))) != _searchable(chr(c))] == []
