@@ -48,6 +48,10 @@ class QueryEncoder:
     def encode_images(self, uploads: list[bytes], max_pixels: int):
         return search.encode_images(self.model, uploads, max_pixels)
 
+    def spans(self, texts: list[str]) -> list:
+        """Each text's tokens' character spans (explained captions show their words)."""
+        return [self.model.tokenizer.spans(text) for text in texts]
+
 
 @serve.deployment
 class ShardSearcher:

@@ -184,7 +184,7 @@ class ClusterEngine(Engine):
         if searches == "search_texts":
             outcomes = search.answer_texts(features, asks, per_part)
         else:
-            outcomes = search.answer_images(features, asks, per_part)
+            outcomes = search.answer_images(features, asks, per_part, spans_of=await self._spans(per_part))
         missing = [s for s, answer in enumerate(per_part) if answer is None]
         if missing and not self.settings.partial_results:
             error = ServiceError(503, "shards_unavailable", f"shard(s) {', '.join(f'{s:02d}' for s in missing)} "
@@ -200,6 +200,16 @@ class ClusterEngine(Engine):
                 outcome["missing_shards"] = missing
         logger.debug("batch of %d in %.1f ms", len(requests), (time.perf_counter() - started) * 1000.0)
         return outcomes
+
+    async def _spans(self, per_part: list) -> Any:
+        """``spans_of`` for the explained captions among the shards' answers: their words' spans, from the
+        encoder's tokenizer in one call (None when nothing is explained)."""
+        texts = sorted({entry["text"] for answers in per_part if answers for answer in answers if answer
+                        for entry in answer.entries if entry.get("explain") is not None})  # fmt: skip
+        if not texts:
+            return None
+        table = dict(zip(texts, await self.encoder.spans.remote(texts), strict=True))
+        return table.__getitem__
 
     async def _ask(self, s: int, method: str, features, asks) -> list | None:
         """Shard ``s``'s answers, or None when it has no live replica within ``HAT_SHARD_TIMEOUT`` (one retry:

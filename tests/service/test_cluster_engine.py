@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -72,7 +73,13 @@ class _Encoder:
         async def texts(queries):
             return search.encode_texts(model, queries)
 
-        self.encode_texts = _Method(texts)
+        async def images(uploads, max_pixels):
+            return search.encode_images(model, uploads, max_pixels)
+
+        async def spans(texts):
+            return [model.tokenizer.spans(t) for t in texts]
+
+        self.encode_texts, self.encode_images, self.spans = _Method(texts), _Method(images), _Method(spans)
 
 
 @pytest.fixture(scope="module")
@@ -129,3 +136,20 @@ def test_service_error_crosses_processes():
 
     err = pickle.loads(pickle.dumps(ServiceError(422, "invalid_query", "bad", [{"x": 1}])))
     assert (err.status, err.code, err.message, err.details) == (422, "invalid_query", "bad", [{"x": 1}])
+
+
+def test_explained_captions_of_an_image_search_equal_the_local_ones(demo_model, sharded, world):
+    """Image -> captions with ``explain``: the words of each explained caption come from the encoder's
+    tokenizer, so the answer is the one ``python -m service`` gives."""
+    data = Path(world["items"][world["base_ids"][3]]["image"]).read_bytes()
+    params = SearchParams(k=3, candidates=10, explain=True)
+    got = asyncio.run(_engine(demo_model, sharded, ["ok"] * 3)._search("search_images", [(data, "captions", params)]))
+
+    class State:
+        index, lock = sharded, threading.Lock()
+
+    options = SearchOptions.from_settings(Settings())
+    want = search.search_images(demo_model, State, [(data, "captions", params)], options)
+    assert [r["id"] for r in got[0]["results"]] == [r["id"] for r in want[0]["results"]]
+    for g, w in zip(got[0]["results"], want[0]["results"], strict=True):
+        assert g["explain"] is not None and g["explain"] == w["explain"]
