@@ -14,12 +14,12 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import httpx
 import pytest
+from live_server import ClientThreads, poll, wait_ready
 
 from service.settings import Settings
 
@@ -32,19 +32,6 @@ def _port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _wait_ready(url: str, timeout: float = 300) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            r = httpx.get(url + "/readyz", timeout=5)
-            if r.status_code == 200:
-                return r.json()
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"{url} not ready after {timeout} s")
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +48,7 @@ def cluster(world, sharded_root):
     try:
         deploy(settings, 3, 2)
         url = f"http://127.0.0.1:{port}"
-        _wait_ready(url)
+        wait_ready(url, 300)
         yield url
     finally:
         serve.shutdown()
@@ -129,13 +116,18 @@ def _replicas(deployment: str) -> list:
     return alive
 
 
-class _Load:
-    def __init__(self, url: str, queries: list[str], clients: int = 4) -> None:
-        self.records: list[tuple[float, int, dict]] = []
-        self.stop = threading.Event()
-        self.threads = [threading.Thread(target=self._run, args=(url, queries, i)) for i in range(clients)]
+class _Load(ClientThreads):
+    """Text searches from ``clients`` threads until the context ends, every answer recorded with its time."""
 
-    def _run(self, url: str, queries: list[str], i: int) -> None:
+    join_timeout = 90.0
+
+    def __init__(self, url: str, queries: list[str], clients: int = 4) -> None:
+        super().__init__(clients)
+        self.url, self.queries = url, queries
+        self.records: list[tuple[float, int, dict]] = []
+
+    def _run(self, i: int) -> None:
+        url, queries = self.url, self.queries
         with httpx.Client(base_url=url, timeout=60) as c:
             n = i
             while not self.stop.is_set():
@@ -145,16 +137,6 @@ class _Load:
                     self.records.append((time.monotonic(), r.status_code, r.json()))
                 except httpx.HTTPError as exc:
                     self.records.append((time.monotonic(), -1, {"error": str(exc)}))
-
-    def __enter__(self) -> _Load:
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(90)
 
 
 def test_killed_replica_loses_no_request(world, cluster):
@@ -174,10 +156,7 @@ def test_killed_replica_loses_no_request(world, cluster):
 
 
 def _wait_replicas(deployment: str, count: int, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while len(_replicas(deployment)) < count:
-        assert time.monotonic() < deadline, f"{deployment}: fewer than {count} replicas after {timeout} s"
-        time.sleep(1)
+    poll(lambda: len(_replicas(deployment)) >= count, timeout, interval=1.0)
 
 
 def test_shard_without_replicas_gives_partial_answers(world, cluster):
@@ -217,7 +196,7 @@ def test_command_line(world, sharded_root, tmp_path):
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     try:
         url = f"http://127.0.0.1:{port}"
-        _wait_ready(url)
+        wait_ready(url, 300)
         query = world["items"][world["base_ids"][0]]["captions"][0]
         assert len(_post_text(url, query, k=3).json()["results"]) == 3
         proc.send_signal(signal.SIGTERM)
