@@ -124,8 +124,16 @@ class Settings(BaseSettings):
         5.0,
         gt=0,
         allow_inf_nan=False,
-        description="`python -m service.cluster`: seconds a search waits for a shard's answer (a retry on another "
-        "replica included) before answering without it.",
+        description="`python -m service.cluster`: seconds a search waits for a shard's answer (retries and hedged "
+        "calls included) before answering without it.",
+    )
+    shard_hedge: float = Field(
+        1.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="`python -m service.cluster`: seconds after which a shard call still unanswered is sent once "
+        "more (to another replica when there is one), the first answer winning: a stalled replica costs a "
+        "search this long, not the whole timeout.",
     )
     partial_results: bool = Field(
         True,

@@ -11,9 +11,9 @@ Deployments (service/cluster/deployments.py):
   part of ``python -m service`` runs (``service.search.rank_images`` / ``image_answers``): FAISS top-K and
   the HAT re-rank of its own candidates. Each replica polls its shard's ``current`` (hot reload per shard).
 
-A shard that does not answer within ``HAT_SHARD_TIMEOUT`` (a failed call is retried once, on another replica
-when there is one) is left out: the answer says ``"partial": true`` and ``"missing_shards"``, or the search
-gives ``503`` with ``HAT_PARTIAL_RESULTS=false``.
+A shard that does not answer within ``HAT_SHARD_TIMEOUT`` (a failed call is sent again, up to 4 calls, on
+another replica when there is one) is left out: the answer says ``"partial": true`` and ``"missing_shards"``,
+or the search gives ``503`` with ``HAT_PARTIAL_RESULTS=false``.
 """
 
 from .engine import ClusterEngine

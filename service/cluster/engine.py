@@ -20,6 +20,11 @@ from ..state import Engine, IndexState
 
 logger = logging.getLogger("service.cluster")
 
+# Calls to one shard per search at most (retries after failures and hedges after HAT_SHARD_HEDGE), and the
+# pauses before a retry.
+SHARD_ATTEMPTS = 4
+RETRY_PAUSES = (0.05, 0.15, 0.4)
+
 
 @dataclass(frozen=True)
 class RemoteModel:
@@ -212,22 +217,57 @@ class ClusterEngine(Engine):
         return table.__getitem__
 
     async def _ask(self, s: int, method: str, features, asks) -> list | None:
-        """Shard ``s``'s answers, or None when it has no live replica within ``HAT_SHARD_TIMEOUT`` (one retry:
-        a replica that died under the call is replaced by another)."""
+        """Shard ``s``'s answers, or None when it has no live replica within ``HAT_SHARD_TIMEOUT``.
+
+        A call to a replica that dies under it fails (``ActorDiedError``): it is sent again after a short pause
+        (``RETRY_PAUSES``: the router may pick the dead replica again before it learns of the death). A call
+        unanswered after ``HAT_SHARD_HEDGE`` seconds (a stalled replica) is sent once more while the first keeps
+        running, and the first answer wins. At most ``SHARD_ATTEMPTS`` calls in all, all inside the deadline;
+        the calls left over are cancelled. A shard whose every call fails is left out after about 0.6 s."""
         deadline = time.monotonic() + self.settings.shard_timeout
-        for attempt in range(2):
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            response = getattr(self.searchers[s], method).remote(features, asks)
-            try:
-                return await asyncio.wait_for(_awaited(response), left)
-            except TimeoutError:
+        pending: dict[asyncio.Task, Any] = {}
+        calls, failures, next_call = 0, 0, time.monotonic()
+        try:
+            while True:
+                now = time.monotonic()
+                if now >= deadline:
+                    logger.warning("shard %02d: no answer to %s within %.1f s (%d calls)", s, method,
+                                   self.settings.shard_timeout, calls)  # fmt: skip
+                    return None
+                if next_call is not None and now >= next_call and calls < SHARD_ATTEMPTS:
+                    response = getattr(self.searchers[s], method).remote(features, asks)
+                    pending[asyncio.ensure_future(_awaited(response))] = response
+                    calls += 1
+                    next_call = now + self.settings.shard_hedge if calls < SHARD_ATTEMPTS else None
+                if not pending and next_call is None:
+                    return None  # every call failed
+                wake = min(deadline, next_call) if next_call is not None else deadline
+                if not pending:  # a pause before a retry
+                    await asyncio.sleep(max(wake - time.monotonic(), 0.0))
+                    continue
+                done, _ = await asyncio.wait(pending, timeout=max(wake - time.monotonic(), 0.0),
+                                             return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+                for task in done:
+                    pending.pop(task)
+                    if task.exception() is None:
+                        return task.result()
+                    failures += 1
+                    logger.warning("shard %02d: %s failed (call %d of at most %d): %s", s, method, failures,
+                                   SHARD_ATTEMPTS, task.exception())  # fmt: skip
+                    if calls < SHARD_ATTEMPTS:  # again soon, not only at the hedge time
+                        pause = RETRY_PAUSES[min(failures, len(RETRY_PAUSES)) - 1]
+                        soon = time.monotonic() + pause
+                        next_call = soon if next_call is None else min(next_call, soon)
+        finally:
+            for task, response in pending.items():
                 response.cancel()
-                break
-            except Exception as exc:  # the replica died or failed: once more, then leave the shard out
-                logger.warning("shard %02d: %s failed (attempt %d): %s", s, method, attempt + 1, exc)
-        return None
+                task.cancel()
+                task.add_done_callback(_retrieved)  # a cancelled call's error is expected, not news
+
+
+def _retrieved(task: asyncio.Task) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 async def _awaited(response):

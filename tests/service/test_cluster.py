@@ -156,7 +156,15 @@ def test_killed_replica_loses_no_request(world, cluster):
 
 
 def _wait_replicas(deployment: str, count: int, timeout: float = 180) -> None:
-    poll(lambda: len(_replicas(deployment)) >= count, timeout, interval=1.0)
+    """Until ``count`` replicas of ``deployment`` run (Serve's own view: a replacement's actor exists well before
+    it has opened its shard, and killing the one running replica beside it would leave the shard without one)."""
+    from ray import serve
+
+    def running() -> bool:
+        states = serve.status().applications["hat"].deployments[deployment].replica_states
+        return states.get("RUNNING", 0) >= count and sum(states.values()) == states.get("RUNNING", 0)
+
+    poll(lambda: running() and len(_replicas(deployment)) >= count, timeout, interval=1.0)
 
 
 def test_shard_without_replicas_gives_partial_answers(world, cluster):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ import pytest
 from index_format import open_index
 from service import search
 from service.cluster import ClusterEngine
+from service.cluster.engine import SHARD_ATTEMPTS
 from service.errors import ServiceError
 from service.metrics import Metrics
 from service.search import SearchOptions, SearchParams
@@ -36,17 +38,21 @@ class _Call:
 class _Method:
     def __init__(self, fn) -> None:
         self.fn = fn
+        self.issued: list[_Call] = []
 
     def remote(self, *args):
         async def run():
             return await self.fn(*args)
 
-        return _Call(run())
+        self.issued.append(_Call(run()))
+        return self.issued[-1]
 
 
 class _Shard:
     """A shard searcher stand-in: ``behaviour`` is "ok", "dead" (every call fails), "flaky" (the first call
-    fails, as when a replica dies under it) or "hang" (never answers)."""
+    fails, as when a replica dies under it), "flakier" (the first three fail: the router picked the dead replica
+    again), "hang" (never answers) or "stuck" (the first call never answers, as when the router handed it to a
+    replica as it died; later calls answer)."""
 
     def __init__(self, part, behaviour: str = "ok") -> None:
         self.part, self.behaviour, self.calls = part, behaviour, 0
@@ -59,9 +65,10 @@ class _Shard:
     def _wrap(self, fn):
         async def call(*args):
             self.calls += 1
-            if self.behaviour == "dead" or (self.behaviour == "flaky" and self.calls == 1):
+            fails = {"dead": 10**9, "flaky": 1, "flakier": 3}.get(self.behaviour, 0)
+            if self.calls <= fails:
                 raise RuntimeError("replica died")
-            if self.behaviour == "hang":
+            if self.behaviour == "hang" or (self.behaviour == "stuck" and self.calls == 1):
                 await asyncio.sleep(3600)
             return fn(*args)
 
@@ -91,7 +98,8 @@ def sharded(sharded_root):
 
 def _engine(model, sharded, behaviours, **settings) -> ClusterEngine:
     shards = [_Shard(part, b) for part, b in zip(sharded.parts, behaviours, strict=True)]
-    return ClusterEngine(Settings(shard_timeout=1.0, **settings), Metrics(), _Encoder(model), shards, "unused")
+    settings = {"shard_timeout": 1.0, "shard_hedge": 0.3} | settings
+    return ClusterEngine(Settings(**settings), Metrics(), _Encoder(model), shards, "unused")
 
 
 def _search(engine: ClusterEngine, queries: list[str]):
@@ -109,7 +117,9 @@ def _local(model, sharded, queries):
 
 def test_whole_answers_equal_the_local_ones(demo_model, sharded, world):
     queries = [world["items"][i]["captions"][0] for i in world["base_ids"][:4]] + ["\u200b"]
-    got = _search(_engine(demo_model, sharded, ["ok", "flaky", "ok"]), queries)  # a retry hides one death
+    engine = _engine(demo_model, sharded, ["stuck", "flaky", "flakier"])
+    got = _search(engine, queries)  # retries and a hedged call hide the deaths
+    assert [shard.calls for shard in engine.searchers] == [2, 2, 4]
     want = _local(demo_model, sharded, queries)
     for g, w in zip(got[:4], want[:4], strict=True):
         assert [r["id"] for r in g["results"]] == [r["id"] for r in w["results"]]
@@ -122,11 +132,17 @@ def test_whole_answers_equal_the_local_ones(demo_model, sharded, world):
 def test_a_missing_shard_gives_flagged_partial_answers(demo_model, sharded, world, behaviour):
     query = world["items"][world["base_ids"][0]]["captions"][0]
     engine = _engine(demo_model, sharded, ["ok", behaviour, "ok"])
+    started = time.monotonic()
     (got,) = _search(engine, [query])
+    waited = time.monotonic() - started
     assert got["partial"] is True and got["missing_shards"] == [1]
     others = {m["id"] for p in (sharded.parts[0], sharded.parts[2]) for m in p.images(range(p.num_images))}
     assert got["results"] and {r["id"] for r in got["results"]} <= others
-    assert engine.searchers[1].calls == (2 if behaviour == "dead" else 1)  # a failure is retried once
+    # both get SHARD_ATTEMPTS calls: a failing shard its retries (left out well before the 1 s deadline), a
+    # hanging one its hedged calls (at 0.3, 0.6 and 0.9 s), left out at the deadline and the calls cancelled
+    assert engine.searchers[1].calls == SHARD_ATTEMPTS
+    assert waited >= 1.0 if behaviour == "hang" else waited < 1.0
+    assert [c.cancelled for c in engine.searchers[1].rank_images.issued] == [behaviour == "hang"] * SHARD_ATTEMPTS
     (refused,) = _search(_engine(demo_model, sharded, ["ok", behaviour, "ok"], partial_results=False), [query])
     assert isinstance(refused, ServiceError) and refused.status == 503 and refused.code == "shards_unavailable"
 
