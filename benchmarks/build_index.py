@@ -31,7 +31,7 @@ from training.data import read_karpathy
 from training.evaluate import encode_split
 
 REPO = Path(__file__).resolve().parents[1]
-STORES = ("float16", "int8", "pca:2", "pca:3")
+STORES = ("float16", "int8", "pca:2", "pca:3", "pq:1", "pq:1.5")
 
 
 def _items(dataset: str, images: str, n: int) -> list[Item]:
@@ -125,25 +125,76 @@ def bench_base_store(args) -> None:
         text_levels, lengths = model.encode_text_strings(captions) if model.tokenizer else _texts(model, captions)
     ref = hierarchical_similarity(image_levels, text_levels, lengths)
     tokens = [x.shape[1] for x in image_levels]
-    for spec_text in STORES:
+    for spec_text in args.stores.split(","):
         spec = StoreSpec.parse(spec_text)
         d = Path(tempfile.mkdtemp())
         flat = [x.reshape(-1, x.shape[-1]).numpy() for x in image_levels]
         others = [torch.cat([t[j, : lengths[j]] for j in range(len(lengths))]).numpy() for t in text_levels]
-        books = train_codebooks(flat, others, tokens, spec.bits) if spec.kind == "pca" else [None] * 3
+        books = train_codebooks(flat, others, tokens, spec.bits, spec.kind) if spec.coded else [None] * 3
         tables = []
+        copies = -(-args.rerank_candidates // len(image_levels[0]))  # the table repeats the images for timing
         for level, (x, book) in enumerate(zip(image_levels, books, strict=True)):
-            write_table(d, f"l{level}", [x.numpy()], tuple(x.shape[1:]), spec, book)
+            write_table(d, f"l{level}", [x.numpy()] * copies, tuple(x.shape[1:]), spec, book)
             tables.append(Table(d, f"l{level}", spec.kind, book))
         rows = np.arange(len(image_levels[0]))
         got = hierarchical_similarity(
             [t.rows(rows) for t in tables], [t.rotate(x) for t, x in zip(tables, text_levels, strict=True)],
             lengths, image_norms=[t.norms(rows) for t in tables],
         )
-        per_image = sum(t.nbytes() for t in tables) / len(rows)
+        per_image = sum(t.nbytes() for t in tables) / len(tables[0])
         print(f"{spec_text:8s} HAT-base sizes {per_image:10.0f} B/image ({per_image / 2**20:.3f} MiB)  "
               f"mean|score err| {float((got - ref).abs().mean()):.2e}  max {float((got - ref).abs().max()):.2e}  "
-              f"({len(rows)} images x {len(captions)} captions)")
+              f"({len(rows)} images x {len(captions)} captions)", flush=True)
+        _time_rerank(spec_text, tables, text_levels, lengths, args)
+
+
+def _time_rerank(label: str, tables, text_levels, lengths, args) -> None:
+    """One caption against ``--rerank-candidates`` images read from ``tables``: reading and decoding the store
+    plus the HAT score, as ``GalleryIndex.rerank_images`` does it: the full decode (the re-rank before the coded-axes
+    path) and the coded axes with the caption's Gram matrices (i2t, pca/pq tables), float32 and bfloat16."""
+    from model.alignment import level_similarities, sum_levels
+
+    n = int(lengths[0])
+    query = [x[:1, :n] for x in text_levels]
+    rows = np.sort(np.random.default_rng(0).choice(len(tables[0]), args.rerank_candidates, replace=False))
+
+    def full(dtype):
+        images = [t.rows(rows, dtype) for t in tables]
+        texts = [t.rotate(x).to(dtype) for t, x in zip(tables, query, strict=True)]
+        return sum_levels(level_similarities(images, texts, [n], image_norms=[t.norms(rows) for t in tables]))
+
+    def narrow(dtype):
+        images, texts, grams = [], [], []
+        for t, x in zip(tables, query, strict=True):
+            rotated = t.rotate(x)
+            if t.narrows:
+                images.append(t.coded_rows(rows, dtype))
+                texts.append(t.narrow(rotated).to(dtype))
+                grams.append(rotated @ rotated.transpose(1, 2))
+            else:
+                images.append(t.rows(rows, dtype))
+                texts.append(rotated.to(dtype))
+                grams.append(None)
+        norms = [t.norms(rows) for t in tables]
+        return sum_levels(level_similarities(images, texts, [n], image_norms=norms, text_grams=grams))
+
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        cells = []
+        for name, fn in (("full", full), ("coded axes", narrow)):
+            if name == "coded axes" and not any(t.narrows for t in tables):
+                continue
+            for dtype in (torch.float32, torch.bfloat16):
+                for _ in range(2):
+                    fn(dtype)
+                times = []
+                for _ in range(args.runs):
+                    start = time.perf_counter()
+                    fn(dtype)
+                    times.append((time.perf_counter() - start) * 1000.0)
+                cells.append(f"{name} {str(dtype).removeprefix('torch.')} {np.median(times):6.1f} ms")
+        print(f"{label:8s} re-rank of {args.rerank_candidates} read from the store, {threads} thread(s): "
+              + "; ".join(cells), flush=True)
 
 
 def _texts(model, captions):
@@ -164,6 +215,10 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--candidates", type=int, default=100)
     parser.add_argument("--skip-base", action="store_true")
+    parser.add_argument("--rerank-candidates", type=int, default=100, help="base-store: candidates timed")
+    parser.add_argument("--runs", type=int, default=9, help="base-store: timed re-ranks per cell (median)")
+    parser.add_argument("--threads", type=lambda v: [int(x) for x in v.split(",")], default=[1, 2],
+                        help="base-store: torch threads, comma-separated (default 1,2)")
     parser.add_argument("--stores", default=",".join(STORES), help="comma-separated stores for fidelity")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))

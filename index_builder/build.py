@@ -313,7 +313,7 @@ def add_items(items: list[Item], skipped: list[Skipped], texts: list[Text], mode
         all_skipped += _skipped_of(shards)
         info = model_info(model)
         books = copy_codebooks(root.segments / manifest["segments"][-1], {}, info["levels"])
-        if spec.kind == "pca" and "image" not in books:
+        if spec.coded and "image" not in books:
             books = train_store(shards, spec, info["levels"], info["image_tokens"])
         segment = write_segment(root, shards, spec, info, books)
         seg_info = json.loads((root.segments / segment / "segment.json").read_text())

@@ -17,9 +17,9 @@ from index_format import (
     INDEX_FORMAT,
     SEGMENT_FORMAT,
     IndexRoot,
-    PCACodebook,
     StoreSpec,
     add_strength,
+    load_codebook,
     new_name,
     train_codebooks,
     write_json,
@@ -70,14 +70,15 @@ def train_store(shards: list[Path], spec: StoreSpec, levels: int, image_tokens: 
     of compressed caption tokens (docs/benchmarks.md); captions stay float16, so after compression they can
     be the larger part (five captions of ~15 tokens at D = 768 are ~115 kB, pca:2 images ~200 kB).
     """
-    if spec.kind != "pca":
+    if not spec.coded:
         return {}
     books = {}
     image = [_sample_rows(_load_shards(shards, f"image.l{i + 1}.npy"), 200_000) for i in range(levels)]
     # Caption tokens only weight the image axes (their energy along each axis): a smaller sample suffices.
     caption = [_sample_rows(_load_shards(shards, f"caption.l{i + 1}.npy"), 50_000) for i in range(levels)]
     has_captions = all(len(c) > 1 for c in caption)
-    books["image"] = train_codebooks(image, caption if has_captions else [None] * levels, image_tokens, spec.bits)
+    others = caption if has_captions else [None] * levels
+    books["image"] = train_codebooks(image, others, image_tokens, spec.bits, spec.kind)
     return books
 
 
@@ -99,7 +100,7 @@ def write_segment(root: IndexRoot, shards: list[Path], spec: StoreSpec, model_in
             parts = _load_shards(shards, f"{kind}.l{level + 1}.npy")
             tail = (model_info["image_tokens"][level], dim) if kind == "image" else (dim,)
             book = books.get(kind, [None] * levels)[level]
-            table_spec = spec if book is not None or spec.kind != "pca" else StoreSpec("float16")
+            table_spec = spec if book is not None or not spec.coded else StoreSpec("float16")
             write_table(tmp, f"{kind}.l{level + 1}", parts, tail, table_spec, book)
             if book is not None:
                 book.save(str(tmp / f"codebook.{kind}.l{level + 1}"))
@@ -112,7 +113,7 @@ def write_segment(root: IndexRoot, shards: list[Path], spec: StoreSpec, model_in
     np.save(tmp / "caption.offsets.npy", np.concatenate(merged).astype(np.int64))
     _write_jsonl(tmp / "items.jsonl", items)
     _write_jsonl(tmp / "captions.jsonl", captions)
-    kinds = {kind: "pca" if kind in books else _plain(spec) for kind in ("image", "caption")}
+    kinds = {kind: spec.kind if kind in books else _plain(spec) for kind in ("image", "caption")}
     info = {
         "format": SEGMENT_FORMAT,
         "format_version": FORMAT_VERSION,
@@ -129,15 +130,17 @@ def write_segment(root: IndexRoot, shards: list[Path], spec: StoreSpec, model_in
 
 
 def _plain(spec: StoreSpec) -> str:
-    return "float16" if spec.kind == "pca" else spec.kind
+    return "float16" if spec.coded else spec.kind
 
 
 def copy_codebooks(src: Path, dst_books: dict, levels: int) -> dict:
     """The codebooks of segment ``src`` (an ``add`` reuses them so one version shares one rotation)."""
     books = dict(dst_books)
+    kinds = json.loads((src / "segment.json").read_text()).get("store_kinds", {})
     for kind in ("image", "caption"):
         if (src / f"codebook.{kind}.l1.basis.npy").exists():
-            books[kind] = [PCACodebook.load(str(src / f"codebook.{kind}.l{i + 1}")) for i in range(levels)]
+            store = kinds.get(kind, "pca")
+            books[kind] = [load_codebook(str(src / f"codebook.{kind}.l{i + 1}"), store) for i in range(levels)]
     return books
 
 

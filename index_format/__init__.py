@@ -41,7 +41,17 @@ from .sharded import (
     shard_of,
     shard_version,
 )
-from .store import STORE_KINDS, PCACodebook, StoreError, StoreSpec, Table, train_codebooks, write_table
+from .store import (
+    STORE_KINDS,
+    PCACodebook,
+    PQCodebook,
+    StoreError,
+    StoreSpec,
+    Table,
+    load_codebook,
+    train_codebooks,
+    write_table,
+)
 from .strength import StrengthScale, add_strength
 
 # FAISS logs its instruction-set probing at INFO when first imported ("Loading faiss with AVX512 support",
@@ -61,6 +71,7 @@ __all__ = [
     "IndexFormatError",
     "IndexRoot",
     "PCACodebook",
+    "PQCodebook",
     "ScoringSpec",
     "ShardedIndex",
     "StoreError",
@@ -75,6 +86,7 @@ __all__ = [
     "describe",
     "fingerprint",
     "fsync_tree",
+    "load_codebook",
     "new_name",
     "open_index",
     "read_shards",

@@ -23,7 +23,7 @@ from .filters import GalleryFilters
 from .layout import FORMAT_VERSION, INDEX_FORMAT, SEGMENT_FORMAT, IndexRoot
 from .selection import search_allowed
 from .sharded import ShardedIndex, read_shards, shard_dir
-from .store import PCACodebook, StoreError, Table
+from .store import CODED_KINDS, StoreError, Table, load_codebook
 from .strength import StrengthScale
 
 
@@ -71,7 +71,7 @@ class Segment:
                 raise IndexFormatError(f"segment {directory.name}: {what}: found {got}, segment.json says {want}")
 
     def _table(self, name: str, kind: str) -> Table:
-        book = PCACodebook.load(str(self.dir / f"codebook.{name}")) if kind == "pca" else None
+        book = load_codebook(str(self.dir / f"codebook.{name}"), kind) if kind in CODED_KINDS else None
         return Table(self.dir, name, kind, book)
 
 
@@ -212,9 +212,12 @@ class GalleryIndex:
         out = torch.empty(len(rows), len(lengths), len(text_levels), dtype=torch.float32)
         width = int(lengths.max())
         lengths = lengths.to(device)
-        for positions, images, norms, texts in self._image_features(text_levels, width, rows, dtype, device):
+        narrow = self.scoring.direction == "i2t"
+        features = self._image_features(text_levels, width, rows, dtype, device, narrow=narrow)
+        for positions, images, norms, texts, grams in features:
             scores = level_similarities(
-                images, texts, lengths, self.scoring.lambda_softmax, self.scoring.direction, image_norms=norms
+                images, texts, lengths, self.scoring.lambda_softmax, self.scoring.direction, image_norms=norms,
+                text_grams=grams,
             )
             out[positions] = torch.stack([s.cpu() for s in scores], dim=2)
         return out
@@ -241,7 +244,7 @@ class GalleryIndex:
         """HAT's cross attention (per level) between one caption and each image of ``rows``, from the features
         :meth:`rerank_images` scores with ``dtype`` (read and rotated the same way), on the CPU in float32."""
         out: list = [None] * len(rows)
-        for positions, images, norms, texts in self._image_features(text_levels, length, rows, dtype, "cpu"):
+        for positions, images, norms, texts, _ in self._image_features(text_levels, length, rows, dtype, "cpu"):
             for j, position in enumerate(positions.tolist()):
                 out[position] = [
                     self._attention(x[j], t[0, :length], r[j]) for x, t, r in zip(images, texts, norms, strict=True)
@@ -270,18 +273,32 @@ class GalleryIndex:
     def _attention(self, image: torch.Tensor, text: torch.Tensor, norms: torch.Tensor | None = None) -> LevelAttention:
         return level_attention(image, text, self.scoring.lambda_softmax, self.scoring.direction, norms)
 
-    def _image_features(self, text_levels, length: int, rows: np.ndarray, dtype: torch.dtype, device):
+    def _image_features(
+        self, text_levels, length: int, rows: np.ndarray, dtype: torch.dtype, device, narrow: bool = False
+    ):
         """Per segment of the image ``rows``: (their positions in ``rows``, per level image features ``[k, R, D]``
-        and norms ``[k, R]`` as stored, the captions' features ``[M, length, D]`` in the store's frame)."""
+        and norms ``[k, R]`` as stored, the captions' features ``[M, length, D]`` in the store's frame, and per
+        level ``None`` or the captions' Gram matrices).
+
+        ``narrow`` (i2t scores only): a pca level with uncoded components gives its coded components only (and a
+        column of ones) with the captions narrowed to match (``Table.coded_rows`` / ``Table.narrow``) and their
+        Gram matrices from the full features: the same scores from a narrower decode and product.
+        """
         for seg_index, positions, local in self._by_segment(self.image_rows, rows):
             seg = self.segments[seg_index]
-            images = [t.rows(local, dtype).to(device) for t in seg.image]
             norms = [t.norms(local).to(device) for t in seg.image]
-            texts = [
-                t.rotate(x[:, :length].float().cpu()).to(device=device, dtype=dtype)
-                for t, x in zip(seg.image, text_levels, strict=True)
-            ]
-            yield positions, images, norms, texts
+            images, texts, grams = [], [], []
+            for t, x in zip(seg.image, text_levels, strict=True):
+                rotated = t.rotate(x[:, :length].float().cpu())
+                if narrow and t.narrows:
+                    images.append(t.coded_rows(local, dtype).to(device))
+                    texts.append(t.narrow(rotated).to(device=device, dtype=dtype))
+                    grams.append((rotated @ rotated.transpose(1, 2)).to(device))
+                else:
+                    images.append(t.rows(local, dtype).to(device))
+                    texts.append(rotated.to(device=device, dtype=dtype))
+                    grams.append(None)
+            yield positions, images, norms, texts, grams
 
     def _caption_features(self, image_levels, rows: np.ndarray, dtype: torch.dtype, device):
         """Per segment of the caption ``rows``: (their positions in ``rows``, the image's features ``[1, R, D]``

@@ -26,7 +26,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-STORE_KINDS = ("float16", "int8", "pca")
+STORE_KINDS = ("float16", "int8", "pca", "pq")
+CODED_KINDS = ("pca", "pq")  # stores with codebooks (image tokens only; captions stay float16)
+DEFAULT_BITS = {"pca": 2.0, "pq": 1.0}
 CHUNK_TOKENS = 65_536  # token rows converted to float32 at a time when writing a table (bounds memory)
 
 
@@ -36,7 +38,8 @@ class StoreError(ValueError):
 
 @dataclass(frozen=True)
 class StoreSpec:
-    """What ``--store`` asked for: ``float16``, ``int8`` or ``pca[:BITS]`` (average bits per dimension)."""
+    """What ``--store`` asked for: ``float16``, ``int8``, ``pca[:BITS]`` or ``pq[:BITS]`` (average bits per
+    dimension; default 2 for pca, 1 for pq)."""
 
     kind: str = "float16"
     bits: float = 2.0
@@ -45,21 +48,26 @@ class StoreSpec:
     def parse(cls, text: str) -> StoreSpec:
         kind, _, arg = text.partition(":")
         if kind not in STORE_KINDS:
-            raise ValueError(f"unknown feature store {text!r}; choose one of float16, int8, pca[:BITS]")
-        if kind != "pca":
+            raise ValueError(f"unknown feature store {text!r}; choose one of float16, int8, pca[:BITS], pq[:BITS]")
+        if kind not in CODED_KINDS:
             if arg:
                 raise ValueError(f"store {kind!r} takes no argument, got {text!r}")
             return cls(kind)
         try:
-            bits = float(arg) if arg else 2.0
+            bits = float(arg) if arg else DEFAULT_BITS[kind]
         except ValueError:
             bits = -1.0
         if not 0.25 <= bits <= 8:
-            raise ValueError(f"pca store needs 0.25..8 average bits per dimension, got {text!r}")
+            raise ValueError(f"{kind} store needs 0.25..8 average bits per dimension, got {text!r}")
         return cls(kind, bits)
 
+    @property
+    def coded(self) -> bool:
+        """Whether image tokens are coded with trained codebooks (``pca`` or ``pq``)."""
+        return self.kind in CODED_KINDS
+
     def label(self) -> str:
-        return f"pca:{self.bits:g}" if self.kind == "pca" else self.kind
+        return f"{self.kind}:{self.bits:g}" if self.coded else self.kind
 
 
 # ----------------------------------------------------------------------------------------------- codecs
@@ -120,6 +128,25 @@ class PCACodebook:
         """Bytes per token of the packed codes."""
         return sum(-(-int((self.widths == w).sum()) * w // 8) for w in WIDTHS)
 
+    def decoder_groups(self) -> list[tuple[np.ndarray, int, int]]:
+        """Per width: (table ``[n_bytes * 256, per]``, n_bytes, components): byte ``j`` of the group with value
+        ``v`` decodes to row ``256 * j + v``, the ``per`` components it packs."""
+        groups = []
+        byte = np.arange(256)
+        for width in WIDTHS:
+            comps = np.flatnonzero(self.widths == width)
+            if not comps.size:
+                continue
+            per = 8 // width
+            n_bytes = -(-comps.size // per)
+            fields = (byte[:, None] >> (np.arange(per)[None, :] * width)) & (2**width - 1)  # [256, per]
+            padded = np.zeros((n_bytes * per, 256), np.float32)
+            padded[: comps.size] = self.levels[comps] + self.mean[comps, None]
+            per_byte = padded.reshape(n_bytes, per, 256)
+            table = np.stack([per_byte[:, i, :][:, fields[:, i]] for i in range(per)], axis=2)  # [n_bytes,256,per]
+            groups.append((np.ascontiguousarray(table.reshape(n_bytes * 256, per)), n_bytes, comps.size))
+        return groups
+
     def encode(self, x: np.ndarray) -> np.ndarray:
         """``[T, D]`` -> packed codes ``[T, B]`` uint8 (components by decreasing width, low bits first)."""
         z = np.asarray(x, dtype=np.float32) @ self.basis.T - self.mean
@@ -140,6 +167,8 @@ class Axes:
     centre: np.ndarray  # [D]
     importance: np.ndarray  # [D] expected squared score error per unit of coefficient error, normalised
     sample: np.ndarray  # [T, D] float64 rows the codebook's buckets are fitted on
+    weight: np.ndarray | None = None  # [D] sqrt of the other side's energy per axis (mean 1): error weights
+    text_basis: np.ndarray | None = None  # [D, D] whitened axes: x = (coefficients + mean) @ text_basis
 
 
 def principal_axes(x: np.ndarray, other: np.ndarray | None, seed: int = 0, max_rows: int = 200_000) -> Axes:
@@ -158,11 +187,47 @@ def principal_axes(x: np.ndarray, other: np.ndarray | None, seed: int = 0, max_r
     energy = np.ones(len(variance)) if other is None else ((np.asarray(other, np.float64) @ vectors) ** 2).mean(0)
     importance = variance * energy / max((x**2).sum(1).mean() * energy.sum(), 1e-30)
     order = np.argsort(importance)[::-1]
-    return Axes(vectors[:, order].T.copy(), centre, importance[order], x)
+    weight = np.sqrt(energy / max(energy.mean(), 1e-30))
+    return Axes(vectors[:, order].T.copy(), centre, importance[order], x, weight[order])
 
 
-def allocate_bits(importance: Sequence[np.ndarray], tokens: Sequence[float], budget: float) -> list[np.ndarray]:
-    """Reverse water-filling over several levels: widths in {0, 2, 4, 8} per component.
+def whitened_axes(x: np.ndarray, other: np.ndarray, seed: int = 0, max_rows: int = 200_000) -> Axes:
+    """Principal axes of ``x`` in the metric of the scores: ``y = x M`` with ``M = E[t t^T]^(1/2)`` over the
+    other modality's tokens ``t``, so that a squared error in ``y`` is the expected squared error of the dot
+    products ``x . t`` along every direction, not only along ``x``'s own principal axes.
+
+    ``basis`` is then the encoding map ``A = B M`` (``B``: the principal axes of ``y``; coefficients
+    ``z = (x - centre) A^T``) and ``text_basis`` is ``B M^-1``, with ``x = (z + A centre) text_basis`` and
+    ``x . t = (z + A centre) . (t text_basis^T)``. Importance: the variance of ``y`` per axis, normalised as in
+    :func:`principal_axes`.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    if x.shape[0] > max_rows:
+        x = x[np.random.default_rng(seed).choice(x.shape[0], max_rows, replace=False)]
+    t = np.asarray(other, np.float64)
+    second = t.T @ t / max(len(t), 1)
+    lam, u = np.linalg.eigh(second)
+    lam = np.maximum(lam, lam.max() * 1e-8 + 1e-30)  # directions the captions never use: tiny, still invertible
+    metric, inverse = (u * np.sqrt(lam)) @ u.T, (u / np.sqrt(lam)) @ u.T
+    centre = x.mean(axis=0)
+    y = (x - centre) @ metric
+    variance, vectors = np.linalg.eigh(np.cov(y.T))
+    variance = np.maximum(variance, 0.0)
+    importance = variance / max((x**2).sum(1).mean() * np.trace(second), 1e-30)
+    order = np.argsort(importance)[::-1]
+    b = vectors[:, order].T
+    return Axes(b @ metric, centre, importance[order], x, np.ones(len(order)), b @ inverse)
+
+
+SCALAR_STEPS = {0: 2, 2: 4, 4: 8}  # pca: bits per component, 0 to 8
+VECTOR_STEPS = {0: 0.5, 0.5: 1, 1: 2, 2: 4, 4: 8}  # pq: bits per dimension (a byte covers 8 / rate dimensions)
+
+
+def allocate_bits(
+    importance: Sequence[np.ndarray], tokens: Sequence[float], budget: float, steps: dict = SCALAR_STEPS
+) -> list[np.ndarray]:
+    """Reverse water-filling over several levels: widths in {0, 2, 4, 8} per component (``steps``: the upgrades
+    allowed; :data:`VECTOR_STEPS` also has 0.5 and 1 bit per dimension).
 
     ``importance[l]`` per component of level ``l`` (decreasing), ``tokens[l]`` tokens per item at that level,
     ``budget`` bits per item. A level's score is a mean over about ``tokens[l]`` independent token errors, so
@@ -170,11 +235,11 @@ def allocate_bits(importance: Sequence[np.ndarray], tokens: Sequence[float], bud
     ``tokens[l]`` bits per item. Greedy: buy the upgrade with the largest error drop per bit, with a
     component of importance v at b bits erring by ``v * 4**-b`` (``v`` at 0 bits).
     """
-    nxt = {0: 2, 2: 4, 4: 8}
-    widths = [np.zeros(len(v), np.int64) for v in importance]
+    nxt = steps
+    widths = [np.zeros(len(v), np.float64) for v in importance]
 
     def gain(level: int, k: int) -> float:
-        b = int(widths[level][k])
+        b = float(widths[level][k])
         drop = importance[level][k] * ((4.0**-b if b else 1.0) - 4.0 ** -nxt[b]) / tokens[level]
         return drop / ((nxt[b] - b) * tokens[level])
 
@@ -183,7 +248,7 @@ def allocate_bits(importance: Sequence[np.ndarray], tokens: Sequence[float], bud
     spent = 0.0
     while heap:
         _, level, k = heapq.heappop(heap)
-        b = int(widths[level][k])
+        b = float(widths[level][k])
         cost = (nxt[b] - b) * tokens[level]
         if spent + cost > budget:
             continue
@@ -192,17 +257,176 @@ def allocate_bits(importance: Sequence[np.ndarray], tokens: Sequence[float], bud
         if nxt[b] < 8:
             heapq.heappush(heap, (-gain(level, k), level, k))
     # Packing wants widths non-increasing along the (importance-sorted) components; greedy already is.
-    return [np.sort(w)[::-1].copy() for w in widths]
+    ints = steps is SCALAR_STEPS
+    return [np.sort(w)[::-1].astype(np.int64 if ints else np.float64) for w in widths]
 
 
 def train_codebooks(
-    levels: Sequence[np.ndarray], others: Sequence[np.ndarray | None], tokens: Sequence[float], bits: float
-) -> list[PCACodebook]:
-    """One codebook per level, ``bits`` per dimension on average over an item's tokens of all levels."""
+    levels: Sequence[np.ndarray], others: Sequence[np.ndarray | None], tokens: Sequence[float], bits: float,
+    kind: str = "pca",
+) -> list[PCACodebook | PQCodebook]:
+    """One codebook per level, ``bits`` per dimension on average over an item's tokens of all levels
+    (``kind``: ``pca``, scalar codes per axis, or ``pq``, one byte per group of axes)."""
     axes = [principal_axes(x, o) for x, o in zip(levels, others, strict=True)]
     budget = bits * levels[0].shape[1] * sum(tokens)
+    if kind == "pq":
+        axes = [whitened_axes(x, o) if o is not None else a for x, o, a in zip(levels, others, axes, strict=True)]
+        rates = allocate_bits([a.importance for a in axes], tokens, budget, VECTOR_STEPS)
+        return [PQCodebook.quantize(a, r, seed=level) for level, (a, r) in enumerate(zip(axes, rates, strict=True))]
     widths = allocate_bits([a.importance for a in axes], tokens, budget)
     return [PCACodebook.quantize(a, w) for a, w in zip(axes, widths, strict=True)]
+
+
+@dataclass
+class PQCodebook:
+    """Product quantisation in the principal axes: the same rotation as :class:`PCACodebook`, then each byte
+    codes a group of consecutive axes (``8 / rate`` of them: 1, 2, 4, 8 or 16) as one of 256 centroids.
+
+    ``basis [D, D]`` and ``mean [D]`` as in :class:`PCACodebook`; ``rates [D]`` bits per dimension of each axis
+    (8, 4, 2, 1, 0.5 or 0, non-increasing); per byte ``first [B]`` (its first axis), ``dims [B]`` (how many)
+    and ``centroids [B, 256, 16]`` (centred coordinates, zero-padded past ``dims``). Centroids are fitted by
+    k-means with each axis weighted by the other modality's energy along it (the score error a coordinate error
+    makes), so a byte spends its 256 codes where the captions look. At one bit per dimension this keeps far
+    more of the scores than scalar codes (docs/benchmarks.md, "A smaller store").
+    """
+
+    basis: np.ndarray
+    mean: np.ndarray
+    rates: np.ndarray
+    first: np.ndarray
+    dims: np.ndarray
+    centroids: np.ndarray
+    weight: np.ndarray  # [D] the k-means weights (assignment uses them too)
+    text_basis: np.ndarray  # [D, D]: x = (coefficients + mean) @ text_basis (``basis`` itself when orthonormal)
+
+    PARTS = ("basis", "mean", "rates", "first", "dims", "centroids", "weight", "text_basis")
+
+    @classmethod
+    def quantize(cls, axes: Axes, rates: np.ndarray, seed: int = 0) -> PQCodebook:
+        z = (axes.sample - axes.centre) @ axes.basis.T  # centred coefficients [T, D]
+        fit = z[:: max(1, len(z) // 65_536)].astype(np.float32)
+        weight = (axes.weight if axes.weight is not None else np.ones(len(rates))).astype(np.float32)
+        first, dims, cents = [], [], []
+        rng = np.random.default_rng(seed)
+        axis = 0
+        while axis < len(rates) and rates[axis] > 0:
+            per = round(8 / float(rates[axis]))
+            group_end = axis
+            while group_end < len(rates) and rates[group_end] == rates[axis]:
+                group_end += 1
+            count = min(per, group_end - axis)
+            w = weight[axis : axis + count]
+            centres = _kmeans(fit[:, axis : axis + count] * w, 256, rng) / w
+            padded = np.zeros((256, 16), np.float32)
+            padded[:, :count] = centres
+            first.append(axis)
+            dims.append(count)
+            cents.append(padded)
+            axis += count
+        f32 = np.float32
+        return cls(
+            axes.basis.astype(f32),
+            (axes.basis @ axes.centre).astype(f32),
+            np.asarray(rates, f32),
+            np.asarray(first, np.int32),
+            np.asarray(dims, np.int32),
+            np.stack(cents) if cents else np.zeros((0, 256, 16), f32),
+            weight,
+            (axes.text_basis if axes.text_basis is not None else axes.basis).astype(f32),
+        )
+
+    def save(self, prefix: str) -> None:
+        for name in self.PARTS:
+            np.save(f"{prefix}.{name}.npy", getattr(self, name))
+
+    @classmethod
+    def load(cls, prefix: str) -> PQCodebook:
+        try:
+            return cls(*(np.load(f"{prefix}.{n}.npy") for n in cls.PARTS))
+        except (OSError, ValueError) as exc:
+            raise StoreError(f"{prefix}: cannot read the compression codebook ({exc})") from exc
+
+    def rotate(self, x: torch.Tensor) -> torch.Tensor:
+        """The other side ``[..., D]`` into the coefficients' frame: dot products with decoded coefficients
+        (plus mean) are the dot products with the features (Gram matrices are not kept: the axes are whitened)."""
+        return x @ torch.from_numpy(self.text_basis).to(x.dtype).T
+
+    def unrotate(self, decoded: torch.Tensor) -> torch.Tensor:
+        """Decoded coefficients (plus mean) ``[..., D]`` -> the features themselves."""
+        return decoded @ torch.from_numpy(self.text_basis).to(decoded.dtype)
+
+    def packed_bytes(self) -> int:
+        return len(self.first)
+
+    def encode(self, x: np.ndarray) -> np.ndarray:
+        """``[T, D]`` -> codes ``[T, B]`` uint8: each byte the nearest centroid (weighted) of its axes."""
+        z = torch.from_numpy(np.asarray(x, dtype=np.float32) @ self.basis.T - self.mean)
+        out = np.zeros((len(z), len(self.first)), np.uint8)
+        w = torch.from_numpy(self.weight)
+        for b0, b1 in _runs(self.dims):  # bytes of one width side by side: one batched product
+            count = int(self.dims[b0])
+            start = int(self.first[b0])
+            c = torch.from_numpy(self.centroids[b0:b1, :, :count]) * w[start : start + count * (b1 - b0)].view(
+                b1 - b0, 1, count)  # fmt: skip
+            c_sq = (c * c).sum(-1)  # [nb, 256]
+            for t0 in range(0, len(z), 4096):
+                sub = z[t0 : t0 + 4096, start : start + count * (b1 - b0)] * w[start : start + count * (b1 - b0)]
+                sub = sub.view(-1, b1 - b0, count).transpose(0, 1)  # [nb, t, count]
+                dist = c_sq[:, None, :] - 2 * torch.bmm(sub, c.transpose(1, 2))
+                out[t0 : t0 + 4096, b0:b1] = dist.argmin(-1).T.numpy().astype(np.uint8)
+        return out
+
+    def decoder_groups(self) -> list[tuple[np.ndarray, int, int]]:
+        """Per run of bytes of one width: (table ``[n_bytes * 256, per]``, n_bytes, components)."""
+        groups = []
+        for b0, b1 in _runs(self.dims):
+            per = int(self.dims[b0])
+            start = int(self.first[b0])
+            table = self.centroids[b0:b1, :, :per] + self.mean[start : start + per * (b1 - b0)].reshape(
+                b1 - b0, 1, per)  # fmt: skip
+            groups.append((np.ascontiguousarray(table.reshape(-1, per), np.float32), b1 - b0, per * (b1 - b0)))
+        return groups
+
+
+def _runs(dims: np.ndarray) -> list[tuple[int, int]]:
+    """``[b0, b1)`` runs of consecutive bytes with the same number of axes (each run's axes are contiguous)."""
+    runs, b0 = [], 0
+    for b in range(1, len(dims) + 1):
+        if b == len(dims) or dims[b] != dims[b0]:
+            runs.append((b0, b))
+            b0 = b
+    return runs
+
+
+def _kmeans(x: np.ndarray, k: int, rng: np.random.Generator, iterations: int = 20) -> np.ndarray:
+    """Lloyd's k-means of ``x [T, d]`` into ``k`` centres (k-means++ seeding on a sample); an empty cluster
+    takes the point farthest from its centre. Fewer distinct points than ``k``: the points, repeated."""
+    x = torch.from_numpy(np.ascontiguousarray(x, np.float32))
+    n = len(x)
+    if n == 0:
+        return np.zeros((k, x.shape[1]), np.float32)
+    seed_pool = x[torch.from_numpy(rng.choice(n, min(n, 8 * k), replace=False))]
+    centres = [seed_pool[int(rng.integers(len(seed_pool)))]]
+    nearest = ((seed_pool - centres[0]) ** 2).sum(1)
+    for _ in range(1, min(k, len(seed_pool))):
+        prob = nearest.double().numpy()
+        total = prob.sum()
+        if total <= 0:
+            break
+        pick = int(rng.choice(len(seed_pool), p=prob / total))
+        centres.append(seed_pool[pick])
+        nearest = torch.minimum(nearest, ((seed_pool - seed_pool[pick]) ** 2).sum(1))
+    c = torch.stack(centres)
+    for _ in range(iterations):
+        dist = (c * c).sum(1)[None] - 2 * x @ c.T
+        assign = dist.argmin(1)
+        counts = torch.bincount(assign, minlength=len(c)).float()
+        sums = torch.zeros_like(c).index_add_(0, assign, x)
+        moved = sums / counts.clamp_min(1)[:, None]
+        c = torch.where(counts[:, None] > 0, moved, c)
+    if len(c) < k:
+        c = c[torch.arange(k) % len(c)]
+    return c.numpy()
 
 
 def _scalar_quantizer(z: np.ndarray, width: int, iterations: int = 12) -> tuple[np.ndarray, np.ndarray]:
@@ -251,44 +475,44 @@ class PCADecoder:
     torch's advanced indexing for this gather (HAT-base sizes, 100 candidates).
     """
 
-    def __init__(self, book: PCACodebook) -> None:
+    def __init__(self, book: PCACodebook | PQCodebook) -> None:
         self.groups = []  # (flat table, byte offsets int32, first byte, n_bytes, first dim, components)
-        byte = np.arange(256)
         start_byte = start_dim = 0
-        for width in WIDTHS:
-            comps = np.flatnonzero(book.widths == width)
-            if not comps.size:
-                continue
-            per = 8 // width
-            n_bytes = -(-comps.size // per)
-            fields = (byte[:, None] >> (np.arange(per)[None, :] * width)) & (2**width - 1)  # [256, per]
-            padded = np.zeros((n_bytes * per, 256), np.float32)
-            padded[: comps.size] = book.levels[comps] + book.mean[comps, None]
-            per_byte = padded.reshape(n_bytes, per, 256)
-            table = np.stack([per_byte[:, i, :][:, fields[:, i]] for i in range(per)], axis=2)  # [n_bytes,256,per]
+        for table, n_bytes, count in book.decoder_groups():
             offsets = (np.arange(n_bytes, dtype=np.int32) * 256)[None, :]
-            self.groups.append(
-                (np.ascontiguousarray(table.reshape(n_bytes * 256, per)), offsets, start_byte, n_bytes, start_dim,
-                 comps.size)
-            )
+            self.groups.append((table, offsets, start_byte, n_bytes, start_dim, count))
             start_byte += n_bytes
-            start_dim += comps.size
+            start_dim += count
         self.coded = start_dim
         self.rest = book.mean[start_dim:].astype(np.float32)  # uncoded components decode to their mean
-        self.dim = len(book.widths)
+        self.dim = len(book.mean)
 
-    def __call__(self, packed: torch.Tensor | np.ndarray, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """``packed [..., B]`` uint8 -> ``[..., D]`` in the codebook's rotated frame."""
+    def __call__(
+        self, packed: torch.Tensor | np.ndarray, dtype: torch.dtype = torch.float32, coded_only: bool = False
+    ) -> torch.Tensor:
+        """``packed [..., B]`` uint8 -> ``[..., D]`` in the codebook's rotated frame.
+
+        ``coded_only``: ``[..., C + 1]`` instead, the ``C`` coded components and a column of ones. Its dot product
+        with :meth:`narrow` of a rotated vector equals the full decode's (the uncoded components are the same
+        constant for every token), at ``C + 1`` columns instead of ``D``: less to decode and to multiply.
+        """
         codes = np.asarray(packed)
         lead = codes.shape[:-1]
         codes = codes.reshape(-1, codes.shape[-1])
-        out = np.empty((len(codes), self.dim), np.float32)
+        width = self.coded + 1 if coded_only else self.dim
+        out = np.empty((len(codes), width), np.float32)
         for table, offsets, first, n_bytes, dim0, count in self.groups:
             index = codes[:, first : first + n_bytes].astype(np.int32) + offsets
             values = np.take(table, index.ravel(), axis=0).reshape(len(codes), -1)
             out[:, dim0 : dim0 + count] = values[:, :count]
-        out[:, self.coded :] = self.rest
-        return torch.from_numpy(out.reshape(*lead, self.dim)).to(dtype)
+        out[:, self.coded :] = 1.0 if coded_only else self.rest
+        return torch.from_numpy(out.reshape(*lead, width)).to(dtype)
+
+    def narrow(self, rotated: torch.Tensor) -> torch.Tensor:
+        """Rotated features ``[..., D]`` -> ``[..., C + 1]``: the coded components, then the dot product of the
+        uncoded ones with their decoded value (the pairing of :meth:`__call__` with ``coded_only``)."""
+        rest = torch.from_numpy(self.rest).to(rotated.dtype)
+        return torch.cat([rotated[..., : self.coded], (rotated[..., self.coded :] @ rest)[..., None]], dim=-1)
 
 
 def quantize_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -309,14 +533,14 @@ def _path(directory: Path, name: str, part: str) -> Path:
 
 def write_table(
     directory: Path, name: str, parts: Sequence[np.ndarray], tail: tuple[int, ...], spec: StoreSpec,
-    book: PCACodebook | None,
+    book: PCACodebook | PQCodebook | None,
 ) -> None:
     """Write table ``name`` from ``parts`` (each ``[n_i, *tail]``, e.g. ``[n, R, D]`` or ``[T, D]``), streaming.
 
     Parts are encoded about ``CHUNK_TOKENS`` token rows at a time into pre-allocated ``.npy`` files.
     """
-    if spec.kind == "pca" and book is None:
-        raise StoreError(f"table {name}: a pca store needs a trained codebook")
+    if spec.coded and book is None:
+        raise StoreError(f"table {name}: a {spec.kind} store needs a trained codebook")
     rows = sum(len(p) for p in parts)
     lead = (rows, *tail[:-1])
     d = tail[-1]
@@ -327,7 +551,7 @@ def write_table(
         out["i8"] = _open(directory, name, "i8", np.int8, (*lead, d))
         out["scale"] = _open(directory, name, "scale", np.float16, lead)
     else:
-        out["pca"] = _open(directory, name, "pca", np.uint8, (*lead, book.packed_bytes()))
+        out[spec.kind] = _open(directory, name, spec.kind, np.uint8, (*lead, book.packed_bytes()))
     start = 0
     step = max(1, CHUNK_TOKENS // int(np.prod(tail[:-1], dtype=np.int64)))  # items per chunk
     for part in (p[i : i + step] for p in parts for i in range(0, len(p), step)):
@@ -342,7 +566,7 @@ def write_table(
             out["i8"][start : start + n] = codes.reshape(n, *inner, d)
             out["scale"][start : start + n] = scale.reshape(n, *inner)
         else:
-            out["pca"][start : start + n] = book.encode(flat).reshape(n, *inner, -1)
+            out[spec.kind][start : start + n] = book.encode(flat).reshape(n, *inner, -1)
         start += n
     for array in out.values():
         array.flush()
@@ -353,17 +577,26 @@ def _open(directory: Path, name: str, part: str, dtype, shape: tuple[int, ...]) 
 
 
 def table_parts(kind: str) -> tuple[str, ...]:
-    return {"float16": ("f16", "norms"), "int8": ("i8", "scale", "norms"), "pca": ("pca", "norms")}[kind]
+    return {"float16": ("f16", "norms"), "int8": ("i8", "scale", "norms"), "pca": ("pca", "norms"),
+            "pq": ("pq", "norms")}[kind]  # fmt: skip
+
+
+def load_codebook(prefix: str, kind: str) -> PCACodebook | PQCodebook:
+    """The codebook saved at ``prefix`` by a ``kind`` store (``pca`` or ``pq``)."""
+    return PQCodebook.load(prefix) if kind == "pq" else PCACodebook.load(prefix)
 
 
 class Table:
     """A memory-mapped feature table; ``rows(index)`` gathers and decodes ``x[index]`` as a float tensor.
 
     A ``pca`` table decodes into its codebook's rotated frame: rotate the other side of the score with
-    ``table.rotate`` (an orthonormal rotation leaves every SCAN score unchanged). Other kinds rotate by identity.
+    ``table.rotate`` (an orthonormal rotation leaves every SCAN score unchanged). Other kinds rotate by identity
+    (a ``pq`` table maps its decoded rows back to the features' frame). For i2t scores, ``coded_rows`` and
+    ``narrow`` give the same dot products from the coded axes only (with the captions' Gram matrices given
+    to the scorer separately).
     """
 
-    def __init__(self, directory: Path, name: str, kind: str, book: PCACodebook | None = None) -> None:
+    def __init__(self, directory: Path, name: str, kind: str, book: PCACodebook | PQCodebook | None = None) -> None:
         self.name, self.kind, self.book = name, kind, book
         self.parts = {}
         for part in table_parts(kind):
@@ -372,9 +605,9 @@ class Table:
                 self.parts[part] = np.load(path, mmap_mode="r")
             except (OSError, ValueError) as exc:
                 raise StoreError(f"{path}: cannot map feature table ({exc})") from exc
-        if kind == "pca" and book is None:
-            raise StoreError(f"table {name}: pca store without its codebook")
-        self.decoder = PCADecoder(book) if kind == "pca" else None
+        if kind in CODED_KINDS and book is None:
+            raise StoreError(f"table {name}: {kind} store without its codebook")
+        self.decoder = PCADecoder(book) if kind in CODED_KINDS else None
         rows = {p: a.shape[: self.parts["norms"].ndim] for p, a in self.parts.items()}
         if len(set(rows.values())) != 1:
             raise StoreError(f"table {name}: parts disagree on the number of rows: {rows}")
@@ -389,7 +622,25 @@ class Table:
         return torch.from_numpy(np.array(self.parts["norms"][index], dtype=np.float32))
 
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
-        return self.book.rotate(x) if self.book is not None else x
+        """The other side of the score into the frame :meth:`rows` decodes to: a pca table's rotated axes; the
+        features' own frame for the other kinds (a pq table maps its decoded rows back)."""
+        return self.book.rotate(x) if self.kind == "pca" else x
+
+    @property
+    def narrows(self) -> bool:
+        """Whether :meth:`coded_rows` is narrower than the features (a pca table with uncoded components)."""
+        return self.decoder is not None and self.decoder.coded + 1 < self.decoder.dim
+
+    def coded_rows(self, index, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``x[index]`` as :meth:`PCADecoder.__call__` with ``coded_only`` gives it: score it against
+        :meth:`narrow` of the rotated other side (dot products as the full features', not their Gram matrix)."""
+        return self.decoder(np.asarray(self.parts[self.kind][index]), dtype, coded_only=True)
+
+    def narrow(self, rotated: torch.Tensor) -> torch.Tensor:
+        """The other side (as :meth:`rotate` gives it) narrowed to pair with :meth:`coded_rows`."""
+        if self.kind == "pq":  # into the whitened axes the codes live in
+            rotated = self.book.rotate(rotated)
+        return self.decoder.narrow(rotated)
 
     def rows(self, index, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Gather ``x[index]`` (numpy-style index on the first axis) and decode it to ``dtype``."""
@@ -399,4 +650,7 @@ class Table:
             codes = torch.from_numpy(np.array(self.parts["i8"][index]))
             scale = torch.from_numpy(np.array(self.parts["scale"][index], dtype=np.float32))
             return (codes.float() * scale[..., None]).to(dtype)
-        return self.decoder(np.asarray(self.parts["pca"][index]), dtype)
+        decoded = self.decoder(np.asarray(self.parts[self.kind][index]), torch.float32)
+        if self.kind == "pq":  # whitened axes are not orthonormal: back to the features themselves
+            decoded = self.book.unrotate(decoded)
+        return decoded.to(dtype)

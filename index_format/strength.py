@@ -148,7 +148,7 @@ def add_strength(version_dir: Path) -> None:
     started = time.perf_counter()
     index = GalleryIndex(version_dir)
     try:
-        unrotated = all(seg.info["store_kinds"]["caption"] != "pca" for seg in index.segments)
+        unrotated = all(seg.info["store_kinds"]["caption"] not in ("pca", "pq") for seg in index.segments)
         strength = calibrate(index) if unrotated else None
     finally:
         index.close()

@@ -93,6 +93,7 @@ def _i2t_no_grad(
     lambda_softmax: float,
     texts: torch.Tensor,
     image_norms: torch.Tensor,
+    text_gram: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The i2t pipeline of :func:`_pair_scores` with in-place steps (inference: no graph to keep)."""
     act = F.leaky_relu(sim, LEAKY_SLOPE)
@@ -101,7 +102,7 @@ def _i2t_no_grad(
     act.div_(torch.linalg.vector_norm(act, dim=1, keepdim=True).add_(EPS))
     attn = _softmax_(act, None if all_valid else valid, 3, lambda_softmax)
     dots = (attn * sim).sum(dim=3)  # [n, R, m]
-    gram = (texts @ texts.transpose(1, 2)).float()  # [m, L, L]
+    gram = (texts @ texts.transpose(1, 2)).float() if text_gram is None else text_gram  # [m, L, L]
     ctx = torch.einsum("irjw,jwv->irjv", attn, gram)
     ctx_sq = ctx.mul_(attn).sum(dim=3).clamp_min_(0).sqrt_()
     cos = dots.div_(ctx_sq.mul_(image_norms[:, :, None]).clamp_min_(EPS))
@@ -125,6 +126,7 @@ def _pair_scores(
     lambda_softmax: float,
     direction: str,
     image_norms: torch.Tensor,
+    text_gram: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Scores of one chunk: images ``[n, R, D]`` x texts ``[m, L, D]`` -> ``[n, m]`` float32.
 
@@ -141,7 +143,7 @@ def _pair_scores(
     valid = (torch.arange(words, device=texts.device)[None, :] < lengths[:, None])[None, None]  # [1, 1, m, L]
     all_valid = bool(valid.all())
     if direction == "i2t" and not (torch.is_grad_enabled() and (images.requires_grad or texts.requires_grad)):
-        return _i2t_no_grad(sim, valid, all_valid, lambda_softmax, tt, image_norms)
+        return _i2t_no_grad(sim, valid, all_valid, lambda_softmax, tt, image_norms, text_gram)
     act = F.leaky_relu(sim, LEAKY_SLOPE)
     if not all_valid:
         act = act * valid
@@ -150,7 +152,7 @@ def _pair_scores(
         act = act / (torch.linalg.vector_norm(act, dim=1, keepdim=True) + EPS)
         attn = _softmax(act, None if all_valid else valid, 3, lambda_softmax)
         dots = (attn * sim).sum(dim=3)  # [n, R, m] = x_r . c_r
-        gram = (tt @ tt.transpose(1, 2)).float()  # [m, L, L]
+        gram = (tt @ tt.transpose(1, 2)).float() if text_gram is None else text_gram  # [m, L, L]
         ctx_sq = (torch.einsum("irjw,jwv->irjv", attn, gram) * attn).sum(dim=3)  # a_r^T G a_r
         cos = dots / (image_norms[:, :, None] * ctx_sq.clamp_min(0).sqrt()).clamp_min(EPS)
         return cos.mean(dim=1)
@@ -180,11 +182,19 @@ def _scan(
     direction: str,
     image_norms: torch.Tensor | None,
     chunk_elements: int,
+    text_gram: torch.Tensor | None = None,
 ) -> torch.Tensor:
     lengths = _check_inputs(images, texts, lengths)
     n, regions, _ = images.shape
     m = texts.shape[0]
     out = torch.empty(n, m, dtype=torch.float32, device=images.device)
+    if text_gram is not None:  # images are then features whose dot products with the texts are the true ones
+        words = texts.shape[1]
+        if tuple(text_gram.shape) != (m, words, words):
+            raise ValueError(f"text_gram must be [{m}, {words}, {words}], got {tuple(text_gram.shape)}")
+        if image_norms is None or direction != "i2t":
+            raise ValueError("text_gram is for i2t scores with cached image_norms")
+        text_gram = text_gram.float()
     if n == 0 or m == 0:
         return out
     if image_norms is None:
@@ -206,8 +216,9 @@ def _scan(
         l_chunk = sorted_lengths[j0 : j0 + text_chunk]
         for i0 in range(0, n, image_chunk):
             i1 = i0 + image_chunk
+            g_chunk = None if text_gram is None else text_gram[idx, :chunk_len, :chunk_len]
             out[i0:i1, idx] = _pair_scores(
-                images[i0:i1], t_chunk, l_chunk, lambda_softmax, direction, image_norms[i0:i1]
+                images[i0:i1], t_chunk, l_chunk, lambda_softmax, direction, image_norms[i0:i1], g_chunk
             )
     return out
 
@@ -220,6 +231,7 @@ def scan_i2t(
     *,
     image_norms: torch.Tensor | None = None,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    text_gram: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Image-to-text SCAN scores (regions attend over words, mean over regions).
 
@@ -230,11 +242,17 @@ def scan_i2t(
         lambda_softmax: inverse softmax temperature (HAT: 9).
         image_norms: optional cached ``region_norms(images)`` ``[N, R]``.
         chunk_elements: bound on the elements of one chunk's ``[n, m, R, L]`` tensor.
+        text_gram: optional ``[M, L, L]`` Gram matrices ``T T^T`` of the captions. With it (and ``image_norms``),
+            ``images`` and ``texts`` need only give the right dot products ``x_r . t_w``, not be the features
+            themselves: e.g. a compressed store's coded axes only, plus one column for what the uncoded axes add
+            (``index_format.store``), which makes the product narrower than ``D``.
 
     Returns:
         ``[N, M]`` float32 scores.
     """
-    return _scan(images, texts, torch.as_tensor(lengths), lambda_softmax, "i2t", image_norms, chunk_elements)
+    return _scan(
+        images, texts, torch.as_tensor(lengths), lambda_softmax, "i2t", image_norms, chunk_elements, text_gram
+    )
 
 
 def scan_t2i(
@@ -272,16 +290,20 @@ def scan(
 def level_similarities(
     image_levels: Sequence[torch.Tensor], text_levels: Sequence[torch.Tensor], text_lengths, lambda_softmax=9.0,
     direction="i2t", *, image_norms: Sequence[torch.Tensor] | None = None, chunk_elements=DEFAULT_CHUNK_ELEMENTS,
+    text_grams: Sequence[torch.Tensor | None] | None = None,
 ) -> list[torch.Tensor]:  # fmt: skip
     """The per-level SCAN scores that HAT sums: one ``[N, M]`` float32 tensor per level, fine to coarse.
 
-    Arguments as :func:`hierarchical_similarity`.
+    Arguments as :func:`hierarchical_similarity`; ``text_grams``: per level ``None`` or the captions' Gram
+    matrices (i2t with ``image_norms`` only; see :func:`scan_i2t`).
     """
     if len(image_levels) != len(text_levels) or not image_levels:
         raise ValueError(f"need the same non-zero number of levels, got {len(image_levels)} and {len(text_levels)}")
     scores = []
     for level, (img, txt) in enumerate(zip(image_levels, text_levels, strict=True)):
         extra = {"image_norms": image_norms[level]} if (image_norms is not None and direction == "i2t") else {}
+        if text_grams is not None and text_grams[level] is not None:
+            extra["text_gram"] = text_grams[level]
         scores.append(scan(img, txt, text_lengths, lambda_softmax, direction, chunk_elements=chunk_elements, **extra))
     return scores
 

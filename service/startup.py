@@ -2,7 +2,7 @@
 
     serving: model models/demo (a7522e9404e1, float32 weights) on cpu; index v-20261203T071250Z-5a5c4a
     (40 images, 200 captions; store float16); FAISS images flat-ip [IndexFlatIP], captions flat-ip
-    [IndexFlatIP]; re-rank float32; 1 torch thread x 2 workers, batches of up to 8
+    [IndexFlatIP]; query encoder int8; re-rank float32; 1 torch thread x 2 workers, batches of up to 8
 """
 
 from __future__ import annotations
@@ -12,9 +12,12 @@ from typing import Any
 from .settings import REPO, Settings
 
 
-def serving_line(settings: Settings, model: Any, index: Any = None, index_error: str | None = None) -> str:
+def serving_line(
+    settings: Settings, model: Any, index: Any = None, index_error: str | None = None, text_precision: str | None = None
+) -> str:
     """The line for ``model`` (a loaded ``HATModel``) and ``index`` (the open index, or None with the reason
-    ``index_error``): model path and identity, device, precisions, index version and FAISS index types."""
+    ``index_error``): model path and identity, device, precisions (``text_precision``: the query encoder's, when
+    the service chose it), index version and FAISS index types."""
     import torch
 
     weights = next(iter(model.parameters())).dtype
@@ -23,6 +26,7 @@ def serving_line(settings: Settings, model: Any, index: Any = None, index_error:
         f"model {_path(settings.model)} ({model.identity[:12]}, {str(weights).removeprefix('torch.')} weights) "
         f"on {model.device}",
         _index_text(index, index_error),
+        *([f"query encoder {text_precision}"] if text_precision else []),
         f"re-rank {settings.rerank_dtype}",
         f"{threads} torch thread{'s' if threads != 1 else ''} x {settings.workers} workers, "
         f"batches of up to {settings.max_batch}",

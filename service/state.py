@@ -57,6 +57,20 @@ class IndexState:
     users_lock: threading.Lock = field(default_factory=threading.Lock)
 
 
+def adopt_text_precision(model, precision: str) -> str:
+    """Run ``model``'s query encoder in ``precision`` (``HAT_TEXT_PRECISION``; ``auto`` measures, on CPU only);
+    log what was measured and chosen; return the precision in use."""
+    from model.precision import use_text_precision
+
+    if model.device.type != "cpu":
+        return "float32"
+    started = time.perf_counter()
+    choice = use_text_precision(model, precision)
+    if precision == "auto":
+        logger.info("%s (measured in %.1f s)", choice.describe(), time.perf_counter() - started)
+    return choice.chosen
+
+
 class Engine:
     """Holds the model, the current ``IndexState`` and the server's search options; loads, polls and swaps."""
 
@@ -65,6 +79,7 @@ class Engine:
         self.metrics = metrics
         self.search_options = SearchOptions.from_settings(settings)  # the same for every request
         self.model = model
+        self.text_precision: str | None = None  # what the query encoder runs in, when this engine loaded it
         self.model_error: str | None = None
         self.state: IndexState | None = None
         self.index_error: str | None = None
@@ -151,7 +166,8 @@ class Engine:
             if self.settings.reload_interval > 0:
                 self._spawn(self._poll(), "hat-index-poll")
         state = self.state
-        logger.info("%s", serving_line(self.settings, self.model, state and state.index, self.not_ready_reason()))
+        logger.info("%s", serving_line(self.settings, self.model, state and state.index, self.not_ready_reason(),
+                                       text_precision=self.text_precision))  # fmt: skip
 
     def _load_model(self):
         from model import load_model
@@ -166,6 +182,7 @@ class Engine:
             device,
             time.perf_counter() - start,
         )
+        self.text_precision = adopt_text_precision(model, self.settings.text_precision)
         return model
 
     async def _poll(self) -> None:

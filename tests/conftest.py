@@ -17,6 +17,11 @@ REPO = Path(__file__).resolve().parents[1]
 # The golden files are part of the repository (12 MB), so every clone runs the golden tests; HAT_GOLDEN_DIR
 # points them at another copy.
 GOLDEN = Path(os.environ.get("HAT_GOLDEN_DIR") or REPO / "tests" / "data" / "golden")
+# Servers the tests start (python -m service, the cluster's encoder) load the model themselves, where the default
+# HAT_TEXT_PRECISION=auto picks the query encoder's precision by timing: answers would then depend on the
+# machine's load. The suite pins float32 so served answers compare with in-process float32 references; the tests
+# of the automatic choice (tests/model/test_precision.py, tests/service/test_startup_log.py) set it themselves.
+os.environ.setdefault("HAT_TEXT_PRECISION", "float32")
 
 
 def _golden_file(name: str) -> Path:

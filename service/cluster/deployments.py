@@ -15,6 +15,7 @@ from index_format import IndexRoot, open_index, shard_dir
 
 from .. import search
 from ..settings import Settings
+from ..state import adopt_text_precision
 
 logger = logging.getLogger("service.cluster")
 APP_NAME = "hat"
@@ -36,7 +37,9 @@ class QueryEncoder:
         _threads(cpus)
         settings = Settings(**values)
         self.model = load_model(settings.model, device=settings.resolved_device())
-        logger.info("encoder: model %s on %s", self.model.identity[:12], self.model.device)
+        self.text_precision = adopt_text_precision(self.model, settings.text_precision)
+        logger.info("encoder: model %s on %s, query encoder %s", self.model.identity[:12], self.model.device,
+                    self.text_precision)  # fmt: skip
 
     def info(self) -> dict:
         return {"identity": self.model.identity, "device": str(self.model.device),

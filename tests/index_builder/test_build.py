@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 
+import numpy as np
 import pytest
 import torch
 from builder_helpers import BAD_FILES, DEMO_MODEL, REPO, assert_same_index, run_cli, search_text
@@ -83,7 +84,7 @@ def test_nothing_indexable_or_unloadable_model_exits_nonzero(tmp_path, world):
     assert proc.returncode != 0 and "cannot load model" in proc.stderr
 
 
-@pytest.mark.parametrize("store", ["float16", "pca:2"])
+@pytest.mark.parametrize("store", ["float16", "pca:2", "pq:1"])
 def test_own_caption_retrieves_its_image(world, tmp_path, demo, store):
     build(world / "manifest.jsonl", str(DEMO_MODEL), tmp_path / "idx", _opts(store=store))
     index = open_index(tmp_path / "idx", expect_identity=demo.identity)
@@ -107,14 +108,15 @@ def test_own_caption_retrieves_its_image(world, tmp_path, demo, store):
         assert own >= 6, f"{own}/8 images have one of their captions in the re-ranked top 5"
 
 
-def test_add_and_remove_round_trip(world, tmp_path, demo):
+@pytest.mark.parametrize("store", ["pca:2", "pq:1"])
+def test_add_and_remove_round_trip(world, tmp_path, demo, store):
     manifest = world / "manifest.jsonl"
     lines = manifest.read_text().splitlines()
     first, second = world / "first.jsonl", world / "second.jsonl"  # image paths are relative to the world
     first.write_text("\n".join(lines[:14]) + "\n")
     second.write_text("\n".join(lines[10:]) + "\n")  # overlaps the first by four ids
     root = tmp_path / "idx"
-    build(first, str(DEMO_MODEL), root, _opts(store="pca:2"))
+    build(first, str(DEMO_MODEL), root, _opts(store=store))
     v1 = IndexRoot(root).current_version()
     added = add(second, str(DEMO_MODEL), root, _opts())
     assert added.indexed == len(lines) - 14
@@ -122,6 +124,10 @@ def test_add_and_remove_round_trip(world, tmp_path, demo):
     full = open_index(root)
     assert full.num_images == len(lines) and full.num_captions == 5 * len(lines)
     assert len(full.manifest["segments"]) == 2 and full.manifest["parent"] == v1
+    # the added segment is coded with the first one's codebooks (one version, one frame)
+    assert [seg.info["store_kinds"]["image"] for seg in full.segments] == [store.split(":")[0]] * 2
+    first_book, added_book = (seg.image[0].book for seg in full.segments)
+    assert np.array_equal(first_book.basis, added_book.basis)
     # Nothing new: no new version.
     assert add(second, str(DEMO_MODEL), root, _opts()).version is None
     gone = [json.loads(line)["id"] for line in lines[:2]]

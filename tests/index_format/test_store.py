@@ -40,16 +40,15 @@ def _features(n: int, r: int, d: int, rank: int, seed: int) -> np.ndarray:
     return (rng.standard_normal((n, r, rank)) @ basis + 0.05 * rng.standard_normal((n, r, d))).astype(np.float32)
 
 
-@pytest.mark.parametrize("spec", ["float16", "int8", "pca:2", "pca:4"])
+@pytest.mark.parametrize("spec", ["float16", "int8", "pca:2", "pca:4", "pq:1", "pq:2"])
 def test_tables_reproduce_scores(tmp_path, spec):
     images = [_features(40, r, 32, 6, seed) for r, seed in ((16, 0), (4, 1))]
     texts = [_features(10, 9, 32, 6, seed + 10)[:, :9] for seed in (0, 1)]
     lengths = torch.full((10,), 9)
     s = StoreSpec.parse(spec)
-    books = (
-        train_codebooks([x.reshape(-1, 32) for x in images], [t.reshape(-1, 32) for t in texts], [16, 4], s.bits)
-        if s.kind == "pca" else [None, None]
-    )
+    flat = [x.reshape(-1, 32) for x in images]
+    others = [t.reshape(-1, 32) for t in texts]
+    books = train_codebooks(flat, others, [16, 4], s.bits, s.kind) if s.coded else [None, None]
     tables = []
     for level, (x, book) in enumerate(zip(images, books, strict=True)):
         write_table(tmp_path, f"image.l{level}", [x[:25], x[25:]], x.shape[1:], s, book)
@@ -63,11 +62,14 @@ def test_tables_reproduce_scores(tmp_path, spec):
         lengths,
         image_norms=[t.norms(rows) for t in tables],
     )
-    tol = {"float16": 2e-3, "int8": 1e-2, "pca:4": 3e-2, "pca:2": 6e-2}[spec]
+    tol = {"float16": 2e-3, "int8": 1e-2, "pca:4": 3e-2, "pca:2": 6e-2, "pq:2": 6e-2, "pq:1": 1e-1}[spec]
     assert (got - ref[rows]).abs().max() < tol
     if s.kind == "pca":  # rows come back in the rotated frame: norms are preserved, coordinates are not
         decoded = tables[0].rows(rows).numpy()
         np.testing.assert_allclose(np.linalg.norm(decoded, axis=-1), tables[0].norms(rows).numpy(), rtol=0.1)
+    # (a pq table spends nothing on directions the captions do not use: its rows' norms may differ, the scores
+    # use the stored exact norms)
+    if s.coded:
         assert tables[0].nbytes() < images[0].size * 2 / 3  # well under float16
 
 
@@ -77,3 +79,43 @@ def test_pca_rotation_is_orthonormal():
     np.testing.assert_allclose(book.basis @ book.basis.T, np.eye(24), atol=1e-5)
     t = torch.randn(3, 24)
     assert torch.allclose(book.rotate(t) @ book.rotate(t).T, t @ t.T, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["pca", "pq"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_coded_axes_score_as_the_full_decode(tmp_path, dtype, kind):
+    """Scoring a pca level from its coded components (plus a ones column) and the captions' Gram matrices gives
+    the full decode's scores, from a narrower product; the Gram matrix is what the context norms need."""
+    from model.alignment import level_similarities
+
+    images = [_features(30, r, 48, 5, seed) for r, seed in ((12, 3), (3, 4))]
+    texts = [_features(6, 7, 48, 5, seed + 20) for seed in (3, 4)]
+    lengths = torch.tensor([7, 5, 7, 3, 6, 7])
+    spec = StoreSpec.parse(f"{kind}:1")
+    books = train_codebooks([x.reshape(-1, 48) for x in images], [t.reshape(-1, 48) for t in texts], [12, 3], 1.0,
+                            kind)  # fmt: skip
+    tables = []
+    for level, (x, book) in enumerate(zip(images, books, strict=True)):
+        write_table(tmp_path, f"image.l{level}", [x], x.shape[1:], spec, book)
+        tables.append(Table(tmp_path, f"image.l{level}", kind, book))
+    assert all(t.narrows for t in tables)  # 1 bit a dimension leaves components uncoded
+    rows = np.array([5, 0, 29, 11])
+    norms = [t.norms(rows) for t in tables]
+    rotated = [t.rotate(torch.from_numpy(x)) for t, x in zip(tables, texts, strict=True)]
+    full = level_similarities([t.rows(rows, dtype) for t in tables], [r.to(dtype) for r in rotated], lengths,
+                              image_norms=norms)  # fmt: skip
+    coded = [t.coded_rows(rows, dtype) for t in tables]
+    assert all(c.shape[-1] < 48 for c in coded)
+    grams = [r @ r.transpose(1, 2) for r in rotated]
+    narrowed = [t.narrow(r).to(dtype) for t, r in zip(tables, rotated, strict=True)]
+    narrow = level_similarities(coded, narrowed, lengths, image_norms=norms, text_grams=grams)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for f, n in zip(full, narrow, strict=True):
+        assert (f - n).abs().max() < tol
+    # Without the Gram matrices the narrowed captions would give wrong context norms: the check can fail.
+    wrong = level_similarities(coded, [t.narrow(r) for t, r in zip(tables, rotated, strict=True)], lengths,
+                               image_norms=norms)  # fmt: skip
+    assert max(float((f - w).abs().max()) for f, w in zip(full, wrong, strict=True)) > 1e-3
+    with pytest.raises(ValueError, match="text_gram must be"):
+        level_similarities(coded, [t.narrow(r) for t, r in zip(tables, rotated, strict=True)], lengths,
+                           image_norms=norms, text_grams=[torch.zeros(6, 2, 2), None])  # fmt: skip

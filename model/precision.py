@@ -1,0 +1,159 @@
+"""Precision of the query text encoder, chosen by measurement on the machine that serves.
+
+A search encodes one short caption: at HAT-base sizes (BERT-base) that forward reads 85 M weights for a dozen
+tokens, so its time is mostly weight traffic and small matrix products. Three ways to run it:
+
+* ``float32``: the weights as trained.
+* ``bfloat16``: the text encoder's weights and activations in bfloat16 (fast where the CPU has bfloat16
+  instructions, AMX or AVX-512 BF16; slow where it emulates them); the projections and the output features
+  stay float32.
+* ``int8``: the BERT linear layers dynamically quantised (``torch.ao.quantization.quantize_dynamic``: int8
+  weights, activations quantised per call, int32 accumulation): a quarter of the weight traffic. A fused
+  int8-weight kernel with float activations (``torch._weight_int8pack_mm``) measured 3x slower here.
+
+``choose_text_precision`` times the candidates on the loaded model (a handful of single-caption forwards
+each), drops any whose features stray from float32's by more than a bound, and keeps the fastest. The
+bound is on the relative error of the token features; what it means for rankings is measured offline
+(``benchmarks/query_encoder.py``, docs/benchmarks.md "Query encoding").
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import statistics
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+TEXT_PRECISIONS = ("float32", "bfloat16", "int8")
+# Largest relative error (token feature, L2) a candidate may show against float32 on the probe captions.
+MAX_FEATURE_ERROR = 0.05
+PROBES = (
+    "a man riding a horse on a beach at sunset",
+    "two small red circles left of a large blue square",
+    "a plate of food with broccoli and rice on a wooden table",
+    "a yellow star",
+)
+
+
+class _FloatOutputs(nn.Module):
+    """Runs ``inner`` (the text encoder) in ``dtype`` and returns its hidden states as float32."""
+
+    def __init__(self, inner: nn.Module, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.inner, self.dtype = inner, dtype
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[torch.Tensor]:
+        return [h.float() for h in self.inner(input_ids, attention_mask)]
+
+
+def _int8_linears(module: nn.Module) -> nn.Module:
+    """``module`` with its linear layers dynamically quantised: int8 weights (per tensor), activations
+    quantised per call, int8 products with float32 accumulation (PyTorch's x86/fbgemm kernels)."""
+    from torch.ao.quantization import quantize_dynamic
+
+    with warnings.catch_warnings():  # torch.ao.quantization says it moves to torchao; the kernels are these
+        warnings.simplefilter("ignore")
+        return quantize_dynamic(module, {nn.Linear}, dtype=torch.qint8)
+
+
+def text_encoder_in(model, precision: str) -> nn.Module:
+    """A copy of ``model.text_encoder`` running in ``precision`` (float32 outputs in every case)."""
+    if precision not in TEXT_PRECISIONS:
+        raise ValueError(f"text precision must be one of {', '.join(TEXT_PRECISIONS)}, got {precision!r}")
+    encoder = model.text_encoder
+    if precision == "float32":
+        return encoder
+    if model.device.type != "cpu":
+        raise ValueError(f"text precision {precision} is for the CPU; the model is on {model.device}")
+    clone = copy.deepcopy(encoder)
+    if precision == "bfloat16":
+        return _FloatOutputs(clone.to(torch.bfloat16), torch.bfloat16).eval()
+    return _FloatOutputs(_int8_linears(clone), torch.float32).eval()
+
+
+@dataclass
+class PrecisionChoice:
+    """What :func:`choose_text_precision` measured: per candidate median ms and relative feature error."""
+
+    chosen: str
+    ms: dict[str, float] = field(default_factory=dict)
+    error: dict[str, float] = field(default_factory=dict)
+    refused: dict[str, str] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        parts = [f"{name} {self.ms[name]:.1f} ms (err {self.error.get(name, 0.0):.1e})" for name in self.ms]
+        parts += [f"{name} not used ({why})" for name, why in self.refused.items()]
+        return f"text encoder {self.chosen}: " + ", ".join(parts)
+
+
+def _encode(model, encoder: nn.Module, texts: Sequence[str]) -> list[torch.Tensor]:
+    batch = model.tokenizer(list(texts))
+    with torch.inference_mode():
+        feats = encoder(batch.input_ids.to(model.device), batch.attention_mask.to(model.device))
+        return [proj(f) for proj, f in zip(model.text_proj, feats, strict=True)]
+
+
+def _relative_error(ref: list[torch.Tensor], got: list[torch.Tensor]) -> float:
+    worst = 0.0
+    for a, b in zip(ref, got, strict=True):
+        err = (a - b).norm(dim=-1) / a.norm(dim=-1).clamp_min(1e-12)
+        worst = max(worst, float(err.max()))
+    return worst
+
+
+def _median_ms(model, encoder: nn.Module, runs: int) -> float:
+    for probe in PROBES[:2]:
+        _encode(model, encoder, [probe])
+    times = []
+    for i in range(runs):
+        start = time.perf_counter()
+        _encode(model, encoder, [PROBES[i % len(PROBES)]])
+        times.append((time.perf_counter() - start) * 1000.0)
+    return statistics.median(times)
+
+
+def choose_text_precision(
+    model, candidates: Sequence[str] = TEXT_PRECISIONS, runs: int = 7, max_error: float = MAX_FEATURE_ERROR
+) -> tuple[nn.Module, PrecisionChoice]:
+    """Time each candidate on one probe caption at a time; keep the fastest whose features are within
+    ``max_error`` of float32's. Returns (the encoder to use, what was measured). float32 always qualifies;
+    on a GPU nothing else is tried."""
+    if model.device.type != "cpu":
+        return model.text_encoder, PrecisionChoice("float32")
+    reference = _encode(model, model.text_encoder, PROBES)
+    choice = PrecisionChoice("float32")
+    encoders = {}
+    for name in dict.fromkeys(["float32", *candidates]):
+        try:
+            encoder = text_encoder_in(model, name)
+            error = _relative_error(reference, _encode(model, encoder, PROBES))
+        except (RuntimeError, ValueError) as exc:  # a kernel this CPU or build lacks
+            choice.refused[name] = f"{type(exc).__name__}: {exc}"[:120]
+            continue
+        if error > max_error:
+            choice.refused[name] = f"feature error {error:.1e} > {max_error:g}"
+            continue
+        encoders[name] = encoder
+        choice.error[name] = error
+        choice.ms[name] = _median_ms(model, encoder, runs)
+    choice.chosen = min(choice.ms, key=choice.ms.__getitem__)
+    return encoders[choice.chosen], choice
+
+
+def use_text_precision(model, precision: str = "auto") -> PrecisionChoice:
+    """Set ``model``'s text encoder to ``precision`` (``auto``: :func:`choose_text_precision`), in place.
+    The model's identity (its weights as loaded) is unchanged."""
+    if precision == "auto":
+        encoder, choice = choose_text_precision(model)
+    else:
+        encoder, choice = text_encoder_in(model, precision), PrecisionChoice(precision)
+    model.text_encoder = encoder
+    return choice

@@ -1,0 +1,84 @@
+"""model.precision: the query encoder's precisions and the start-up choice between them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from model import load_model
+from model.precision import (
+    MAX_FEATURE_ERROR,
+    PROBES,
+    TEXT_PRECISIONS,
+    choose_text_precision,
+    text_encoder_in,
+    use_text_precision,
+)
+
+DEMO = Path(__file__).resolve().parents[2] / "models" / "demo"
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model(DEMO)
+
+
+def _features(model, encoder, texts):
+    batch = model.tokenizer(list(texts))
+    with torch.inference_mode():
+        feats = encoder(batch.input_ids, batch.attention_mask)
+        return [proj(f) for proj, f in zip(model.text_proj, feats, strict=True)], batch.lengths
+
+
+def test_int8_is_refused_for_the_demo_model(model):
+    """The demo model's MiniLM hidden states have outlier dimensions: dynamic int8 moves its features by far
+    more than the bound (measured ~30%), so the start-up choice must not take it."""
+    texts = list(PROBES)
+    reference, lengths = _features(model, model.text_encoder, texts)
+    got, _ = _features(model, text_encoder_in(model, "int8"), texts)
+    worst = max(float(((o[j, :n] - r[j, :n]).norm(dim=-1) / r[j, :n].norm(dim=-1)).max())
+                for o, r in zip(got, reference, strict=True) for j, n in enumerate(lengths.tolist()))  # fmt: skip
+    assert worst > MAX_FEATURE_ERROR
+    _, choice = choose_text_precision(model, runs=1)
+    assert "int8" in choice.refused and choice.refused["int8"].startswith("feature error")
+
+
+@pytest.mark.parametrize("precision", ["bfloat16"])
+def test_each_precision_stays_close_to_float32(model, precision):
+    texts = [*PROBES, "a small green circle", "three large red squares below a purple triangle on grey"]
+    reference, lengths = _features(model, model.text_encoder, texts)
+    encoder = text_encoder_in(model, precision)
+    assert encoder is not model.text_encoder  # a copy: the model's own encoder is untouched
+    got, _ = _features(model, encoder, texts)
+    for ref, out in zip(reference, got, strict=True):
+        assert out.dtype == torch.float32 and out.shape == ref.shape
+        for j, n in enumerate(lengths.tolist()):  # padding positions aside
+            err = (out[j, :n] - ref[j, :n]).norm(dim=-1) / ref[j, :n].norm(dim=-1)
+            assert float(err.max()) < MAX_FEATURE_ERROR, (precision, float(err.max()))
+            assert float(err.max()) > 0  # really another precision, not the float32 encoder again
+
+
+def test_choice_is_measured_and_within_the_bound(model):
+    _, choice = choose_text_precision(model, runs=3)
+    assert choice.chosen in TEXT_PRECISIONS and set(choice.ms) | set(choice.refused) == set(TEXT_PRECISIONS)
+    assert choice.ms[choice.chosen] == min(choice.ms.values()) and all(v > 0 for v in choice.ms.values())
+    assert all(choice.error[name] <= MAX_FEATURE_ERROR for name in choice.ms)
+    assert choice.chosen in choice.describe() and "ms (err" in choice.describe()
+    # a bound nothing but float32 meets leaves float32
+    _, strict = choose_text_precision(model, runs=1, max_error=1e-9)
+    assert strict.chosen == "float32" and set(strict.refused) == {"bfloat16", "int8"}
+
+
+def test_use_sets_the_encoder_and_keeps_the_identity(model):
+    other = load_model(DEMO)
+    identity = other.identity
+    assert use_text_precision(other, "bfloat16").chosen == "bfloat16"
+    assert other.identity == identity and other.text_encoder is not model.text_encoder
+    levels, _ = other.encode_text_strings(["a red circle"])
+    ref, _ = model.encode_text_strings(["a red circle"])
+    assert all(a.dtype == torch.float32 for a in levels)
+    assert all(float((a - b).norm() / b.norm()) < MAX_FEATURE_ERROR for a, b in zip(levels, ref, strict=True))
+    with pytest.raises(ValueError, match="text precision must be one of"):
+        text_encoder_in(model, "int4")
