@@ -296,17 +296,24 @@ def cmd_serve(args: argparse.Namespace) -> dict:
     with open(log, "w") as fh:
         proc = subprocess.Popen([sys.executable, "-m", "service"], env=env, cwd=REPO, stdout=fh, stderr=fh)
     print(f"server pid {proc.pid}, log {log}", flush=True)
+    burner = None
     try:
         started = time.perf_counter()
         wait_ready(url, proc, args.ready_timeout)
         print(f"ready after {time.perf_counter() - started:.1f} s")
         describe(url)
+        if args.busy_neighbour:  # one process spinning on a core for the whole load (warm-up included)
+            burner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+            print(f"busy neighbour pid {burner.pid}", flush=True)
         with RssSampler(proc.pid) as rss:
             summary = run_load(url, args)
         summary["server_rss_mb"] = rss.report(summary["load"]["started_perf"], summary["load"]["ended_perf"])
         print(f"server resident memory (MB): {summary['server_rss_mb']}")
         return summary
     finally:
+        if burner is not None:
+            burner.kill()
+            burner.wait()
         proc.terminate()
         try:
             proc.wait(timeout=30)
@@ -508,6 +515,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     serve.add_argument("--env", action="append", default=[], help="NAME=VALUE for the server (repeatable)")
     serve.add_argument("--ready-timeout", type=float, default=300.0)
     serve.add_argument("--log", type=Path, help="server log (default /tmp/service_load-PORT.log)")
+    serve.add_argument("--busy-neighbour", action="store_true",
+                       help="run one CPU-burning process beside the server during the load")
     for p in (run, serve):
         add_load_args(p)
     demo = sub.add_parser("prepare-demo", help="generated world + index with the demo model")

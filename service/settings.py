@@ -123,10 +123,10 @@ class Settings(BaseSettings):
     text_precision: TextPrecision = Field(
         "auto",
         description="Precision of the query text encoder on CPU (`model.precision`): `auto` times `float32`, "
-        "`bfloat16` and `int8` (dynamically quantised linear layers) on the loaded model at start-up and keeps the "
-        "fastest whose features stay within 5% of float32's (logged); at HAT-base sizes int8 measured 24 ms a "
-        "query against 64 ms in float32 (`docs/benchmarks.md`, Query encoding). Applies when the service loads "
-        "the model itself; on a GPU the model runs as loaded.",
+        "`bfloat16` (bfloat16 linear layers) and `int8` (dynamically quantised linear layers) on the loaded model at "
+        "start-up and keeps the fastest whose features stay within 0.8% of float32's (logged; the bound keeps "
+        "≥ 99.5% of the final top 10 on the demo model: `docs/benchmarks.md`, Query encoding). Applies when the "
+        "service loads the model itself; on a GPU the model runs as loaded.",
     )
     log_level: LogLevel = Field("info", description="Log level of the service and of uvicorn.")
     shard_timeout: float = Field(
