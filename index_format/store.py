@@ -29,6 +29,7 @@ import torch
 STORE_KINDS = ("float16", "int8", "pca", "pq")
 CODED_KINDS = ("pca", "pq")  # stores with codebooks (image tokens only; captions stay float16)
 DEFAULT_BITS = {"pca": 2.0, "pq": 1.0}
+KMEANS_ROWS = 65_536  # token rows each pq byte's 256 centroids are fitted on
 CHUNK_TOKENS = 65_536  # token rows converted to float32 at a time when writing a table (bounds memory)
 
 
@@ -304,7 +305,7 @@ class PQCodebook:
     @classmethod
     def quantize(cls, axes: Axes, rates: np.ndarray, seed: int = 0) -> PQCodebook:
         z = (axes.sample - axes.centre) @ axes.basis.T  # centred coefficients [T, D]
-        fit = z[:: max(1, len(z) // 65_536)].astype(np.float32)
+        fit = z[:: max(1, len(z) // KMEANS_ROWS)].astype(np.float32)
         weight = (axes.weight if axes.weight is not None else np.ones(len(rates))).astype(np.float32)
         first, dims, cents = [], [], []
         rng = np.random.default_rng(seed)
@@ -316,7 +317,10 @@ class PQCodebook:
                 group_end += 1
             count = min(per, group_end - axis)
             w = weight[axis : axis + count]
-            centres = _kmeans(fit[:, axis : axis + count] * w, 256, rng) / w
+            if count == 1:  # one axis a byte: the 256-level Lloyd-Max quantiser (k-means in one dimension)
+                centres = _scalar_quantizer(fit[:, axis].astype(np.float64), 8)[1][:, None].astype(np.float32)
+            else:
+                centres = _kmeans(fit[:, axis : axis + count] * w, 256, rng) / w
             padded = np.zeros((256, 16), np.float32)
             padded[:, :count] = centres
             first.append(axis)
