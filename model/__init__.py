@@ -7,6 +7,7 @@ Public API (see README "Python API"):
 * :func:`preprocess_image`, :func:`load_image`: decoding and the authors' eval transform.
 * :class:`HATTokenizer`: uncased BERT WordPiece, ``[CLS] ... [SEP]``, at most 32 tokens.
 * :mod:`model.alignment`: ``scan_i2t``, ``scan_t2i``, ``hierarchical_similarity``.
+* :func:`use_text_precision`: the query encoder in float32, bfloat16 or int8 (``auto``: timed at start-up).
 * :class:`CommandParser`: the argument parser of the project's commands (defaults and examples in the help).
 """
 
@@ -17,10 +18,12 @@ from .config import HATConfig, SwinConfig, TextConfig
 from .devices import DeviceError, resolve_device
 from .errors import CheckpointError, HATError, ImageDecodeError, TokenizerError, UnsafeCheckpointError
 from .hat import HATModel
+from .precision import TEXT_PRECISIONS, use_text_precision
 from .preprocess import load_image, load_pixels, preprocess_image
 from .tokenizer import HATTokenizer, TokenBatch
 
 __all__ = [
+    "TEXT_PRECISIONS",
     "CheckpointError",
     "CommandParser",
     "DeviceError",
@@ -43,4 +46,5 @@ __all__ = [
     "save_model",
     "scan_i2t",
     "scan_t2i",
+    "use_text_precision",
 ]

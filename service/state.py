@@ -60,7 +60,7 @@ class IndexState:
 def adopt_text_precision(model, precision: str) -> str:
     """Run ``model``'s query encoder in ``precision`` (``HAT_TEXT_PRECISION``; ``auto`` measures, on CPU only);
     log what was measured and chosen; return the precision in use."""
-    from model.precision import use_text_precision
+    from model import use_text_precision
 
     if model.device.type != "cpu":
         return "float32"
