@@ -178,13 +178,25 @@ def _time_rerank(label: str, tables, text_levels, lengths, args) -> None:
         norms = [t.norms(rows) for t in tables]
         return sum_levels(level_similarities(images, texts, [n], image_norms=norms, text_grams=grams))
 
+    def codes(dtype):  # the re-rank's path now (GalleryIndex.rerank_images): dot products read from the codes
+        dots, grams = [], []
+        for t, x in zip(tables, query, strict=True):
+            rotated = t.rotate(x)
+            dots.append(t.dots(rows, rotated[0]).unsqueeze(2))
+            grams.append(rotated @ rotated.transpose(1, 2))
+        norms = [t.norms(rows) for t in tables]
+        return sum_levels(level_similarities(dots, [None] * len(dots), [n], image_norms=norms, text_grams=grams,
+                                             image_dots=dots))  # fmt: skip
+
     for threads in args.threads:
         torch.set_num_threads(threads)
         cells = []
-        for name, fn in (("full", full), ("coded axes", narrow)):
+        for name, fn in (("full", full), ("coded axes", narrow), ("from codes", codes)):
             if name == "coded axes" and not any(t.narrows for t in tables):
                 continue
-            for dtype in (torch.float32, torch.bfloat16):
+            if name == "from codes" and not all(t.coded for t in tables):
+                continue
+            for dtype in (torch.float32,) if name == "from codes" else (torch.float32, torch.bfloat16):
                 for _ in range(2):
                     fn(dtype)
                 times = []

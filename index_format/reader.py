@@ -215,9 +215,10 @@ class GalleryIndex:
         narrow = self.scoring.direction == "i2t"
         features = self._image_features(text_levels, width, rows, dtype, device, narrow=narrow)
         for positions, images, norms, texts, grams in features:
+            dots = [x if t is None else None for x, t in zip(images, texts, strict=True)]
             scores = level_similarities(
                 images, texts, lengths, self.scoring.lambda_softmax, self.scoring.direction, image_norms=norms,
-                text_grams=grams,
+                text_grams=grams, image_dots=dots,
             )
             out[positions] = torch.stack([s.cpu() for s in scores], dim=2)
         return out
@@ -280,9 +281,10 @@ class GalleryIndex:
         and norms ``[k, R]`` as stored, the captions' features ``[M, length, D]`` in the store's frame, and per
         level ``None`` or the captions' Gram matrices).
 
-        ``narrow`` (i2t scores only): a pca level with uncoded components gives its coded components only (and a
-        column of ones) with the captions narrowed to match (``Table.coded_rows`` / ``Table.narrow``) and their
-        Gram matrices from the full features: the same scores from a narrower decode and product.
+        ``narrow`` (i2t scores only): a level stored as codes (pca, pq) gives, in place of the image features, the
+        dot products ``[k, R, M, length]`` of their tokens with the captions' words read from the codes without
+        decoding (``Table.dots``), ``None`` for the captions, and the captions' Gram matrices from their full
+        features: the same scores (:func:`model.alignment.scan_i2t_dots`) without decoding a single token.
         """
         for seg_index, positions, local in self._by_segment(self.image_rows, rows):
             seg = self.segments[seg_index]
@@ -290,9 +292,11 @@ class GalleryIndex:
             images, texts, grams = [], [], []
             for t, x in zip(seg.image, text_levels, strict=True):
                 rotated = t.rotate(x[:, :length].float().cpu())
-                if narrow and t.narrows:
-                    images.append(t.coded_rows(local, dtype).to(device))
-                    texts.append(t.narrow(rotated).to(device=device, dtype=dtype))
+                if narrow and t.coded:
+                    words = rotated.shape[0] * rotated.shape[1]
+                    dots = t.dots(local, rotated.reshape(words, -1))
+                    images.append(dots.view(*dots.shape[:-1], *rotated.shape[:2]).to(device))
+                    texts.append(None)
                     grams.append((rotated @ rotated.transpose(1, 2)).to(device))
                 else:
                     images.append(t.rows(local, dtype).to(device))

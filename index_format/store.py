@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.nn import functional as F
 
 STORE_KINDS = ("float16", "int8", "pca", "pq")
 CODED_KINDS = ("pca", "pq")  # stores with codebooks (image tokens only; captions stay float16)
@@ -490,6 +491,39 @@ class PCADecoder:
         self.coded = start_dim
         self.rest = book.mean[start_dim:].astype(np.float32)  # uncoded components decode to their mean
         self.dim = len(book.mean)
+        self.n_bytes = start_byte
+        self.byte_offsets = torch.arange(start_byte, dtype=torch.int32) * 256
+
+    def lookup_table(self, narrowed: torch.Tensor) -> torch.Tensor:
+        """``[B * 256, N]``: row ``256 * j + v`` holds the dot products of byte ``j``'s decoded value ``v`` (its
+        components) with each of the ``N`` vectors ``narrowed [N, C + 1]`` (as :meth:`narrow` gives them)."""
+        narrowed = narrowed.float()
+        parts = []
+        for table, _, _, n_bytes, dim0, count in self.groups:
+            per = table.shape[1]
+            cols = torch.zeros(n_bytes * per, narrowed.shape[0])
+            cols[:count] = narrowed[:, dim0 : dim0 + count].T
+            values = torch.from_numpy(table).view(n_bytes, 256, per)
+            parts.append(torch.bmm(values, cols.view(n_bytes, per, -1)).reshape(n_bytes * 256, -1))
+        return torch.cat(parts) if parts else torch.zeros(0, narrowed.shape[0])
+
+    def dots(self, packed: np.ndarray, narrowed: torch.Tensor) -> torch.Tensor:
+        """Dot products of the decoded tokens with ``narrowed [N, C + 1]`` without decoding them: ``packed [..., B]``
+        -> ``[..., N]`` float32, equal to ``self(packed, coded_only=True) @ narrowed.T`` up to rounding.
+
+        Each byte adds its row of :meth:`lookup_table` (asymmetric distance computation, as product-quantisation
+        search does), summed by ``torch.nn.functional.embedding_bag``: ``B`` lookups of ``N`` floats per token
+        instead of writing ``C`` decoded floats and multiplying them by ``N`` vectors.
+        """
+        codes = np.asarray(packed)
+        lead = codes.shape[:-1]
+        index = torch.from_numpy(np.ascontiguousarray(codes.reshape(-1, codes.shape[-1]))).to(torch.int32)
+        table = self.lookup_table(narrowed)
+        if self.n_bytes:
+            out = F.embedding_bag(index.add_(self.byte_offsets), table, mode="sum")
+        else:
+            out = torch.zeros(len(index), narrowed.shape[0])
+        return out.add_(narrowed[:, self.coded].float()).view(*lead, narrowed.shape[0])
 
     def __call__(
         self, packed: torch.Tensor | np.ndarray, dtype: torch.dtype = torch.float32, coded_only: bool = False
@@ -639,6 +673,16 @@ class Table:
         """``x[index]`` as :meth:`PCADecoder.__call__` with ``coded_only`` gives it: score it against
         :meth:`narrow` of the rotated other side (dot products as the full features', not their Gram matrix)."""
         return self.decoder(np.asarray(self.parts[self.kind][index]), dtype, coded_only=True)
+
+    @property
+    def coded(self) -> bool:
+        """Whether the table holds codes (pca, pq): :meth:`dots` then scores without decoding."""
+        return self.decoder is not None
+
+    def dots(self, index, rotated: torch.Tensor) -> torch.Tensor:
+        """Dot products ``[k, ..., N]`` of the tokens of ``x[index]`` (``[k, ...]``) with ``rotated [N, D]`` (the other
+        side as :meth:`rotate` gives it), read from the codes without decoding them (:meth:`PCADecoder.dots`)."""
+        return self.decoder.dots(self.parts[self.kind][index], self.narrow(rotated))
 
     def narrow(self, rotated: torch.Tensor) -> torch.Tensor:
         """The other side (as :meth:`rotate` gives it) narrowed to pair with :meth:`coded_rows`."""

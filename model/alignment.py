@@ -255,6 +255,44 @@ def scan_i2t(
     )
 
 
+def scan_i2t_dots(
+    dots: torch.Tensor,
+    lengths: torch.Tensor | Sequence[int],
+    lambda_softmax: float = 9.0,
+    *,
+    image_norms: torch.Tensor,
+    text_gram: torch.Tensor,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+) -> torch.Tensor:
+    """Image-to-text SCAN scores from the dot products alone: what :func:`scan_i2t` computes from features,
+    given ``dots [N, R, M, L]`` (``x_r(i) . t_w(j)``), the region norms ``image_norms [N, R]`` and the captions'
+    Gram matrices ``text_gram [M, L, L]``: the i2t score needs nothing else of the image (module docstring).
+    A compressed store computes the dot products from its codes without decoding them
+    (``index_format.store.PCADecoder.dots``). Returns ``[N, M]`` float32."""
+    if dots.dim() != 4:
+        raise ValueError(f"dots must be [N, R, M, L], got shape {tuple(dots.shape)}")
+    n, regions, m, words = dots.shape
+    lengths = torch.as_tensor(lengths, device=dots.device).long().reshape(-1)
+    if lengths.numel() != m or (m and (int(lengths.min()) < 1 or int(lengths.max()) > words)):
+        raise ValueError(f"lengths must give {m} values in [1, {words}], got {lengths.tolist()}")
+    if tuple(image_norms.shape) != (n, regions):
+        raise ValueError(f"image_norms must be [{n}, {regions}], got {tuple(image_norms.shape)}")
+    if tuple(text_gram.shape) != (m, words, words):
+        raise ValueError(f"text_gram must be [{m}, {words}, {words}], got {tuple(text_gram.shape)}")
+    out = torch.empty(n, m, dtype=torch.float32, device=dots.device)
+    if n == 0 or m == 0:
+        return out
+    valid = (torch.arange(words, device=dots.device)[None, :] < lengths[:, None])[None, None]  # [1, 1, m, L]
+    all_valid = bool(valid.all())
+    step = max(1, chunk_elements // (regions * m * words))
+    norms, gram = image_norms.float(), text_gram.float()
+    with torch.no_grad():
+        for i0 in range(0, n, step):
+            sim = dots[i0 : i0 + step].float()
+            out[i0 : i0 + step] = _i2t_no_grad(sim, valid, all_valid, lambda_softmax, None, norms[i0 : i0 + step], gram)
+    return out
+
+
 def scan_t2i(
     images: torch.Tensor,
     texts: torch.Tensor,
@@ -291,16 +329,27 @@ def level_similarities(
     image_levels: Sequence[torch.Tensor], text_levels: Sequence[torch.Tensor], text_lengths, lambda_softmax=9.0,
     direction="i2t", *, image_norms: Sequence[torch.Tensor] | None = None, chunk_elements=DEFAULT_CHUNK_ELEMENTS,
     text_grams: Sequence[torch.Tensor | None] | None = None,
+    image_dots: Sequence[torch.Tensor | None] | None = None,
 ) -> list[torch.Tensor]:  # fmt: skip
     """The per-level SCAN scores that HAT sums: one ``[N, M]`` float32 tensor per level, fine to coarse.
 
     Arguments as :func:`hierarchical_similarity`; ``text_grams``: per level ``None`` or the captions' Gram
-    matrices (i2t with ``image_norms`` only; see :func:`scan_i2t`).
+    matrices (i2t with ``image_norms`` only; see :func:`scan_i2t`). ``image_dots``: per level ``None`` or the dot
+    products ``[N, R, M, L]`` of the images' regions with the captions' words, which then stand for that level's
+    image features (i2t with ``image_norms`` and ``text_grams``; see :func:`scan_i2t_dots`).
     """
     if len(image_levels) != len(text_levels) or not image_levels:
         raise ValueError(f"need the same non-zero number of levels, got {len(image_levels)} and {len(text_levels)}")
     scores = []
     for level, (img, txt) in enumerate(zip(image_levels, text_levels, strict=True)):
+        if image_dots is not None and image_dots[level] is not None:
+            if direction != "i2t" or image_norms is None or text_grams is None or text_grams[level] is None:
+                raise ValueError("image_dots are for i2t scores with image_norms and text_grams")
+            scores.append(scan_i2t_dots(
+                image_dots[level], text_lengths, lambda_softmax, image_norms=image_norms[level],
+                text_gram=text_grams[level], chunk_elements=chunk_elements,
+            ))  # fmt: skip
+            continue
         extra = {"image_norms": image_norms[level]} if (image_norms is not None and direction == "i2t") else {}
         if text_grams is not None and text_grams[level] is not None:
             extra["text_gram"] = text_grams[level]

@@ -119,3 +119,45 @@ def test_coded_axes_score_as_the_full_decode(tmp_path, dtype, kind):
     with pytest.raises(ValueError, match="text_gram must be"):
         level_similarities(coded, [t.narrow(r) for t, r in zip(tables, rotated, strict=True)], lengths,
                            image_norms=norms, text_grams=[torch.zeros(6, 2, 2), None])  # fmt: skip
+
+
+@pytest.mark.parametrize("spec", ["pca:1", "pca:3", "pq:1", "pq:2"])
+def test_scores_from_codes_equal_the_full_decode(tmp_path, spec):
+    """The re-rank's path: dot products read from the codes (a lookup table per byte, summed), never decoding a
+    token, then the i2t score from the dots, the norms and the captions' Gram matrices. Equal to scoring the
+    fully decoded features, for several captions of different lengths at once, with the wide codes of pca:3 and
+    the mixed byte widths of pq."""
+    from model.alignment import level_similarities, scan_i2t_dots
+
+    s = StoreSpec.parse(spec)
+    images = [_features(40, r, 48, 5, seed) for r, seed in ((12, 5), (3, 6))]
+    texts = [_features(6, 9, 48, 5, seed + 20) for seed in (5, 6)]
+    lengths = torch.tensor([9, 4, 7, 2, 9, 5])
+    books = train_codebooks([x.reshape(-1, 48) for x in images], [t.reshape(-1, 48) for t in texts], [12, 3],
+                            s.bits, s.kind)  # fmt: skip
+    tables = []
+    for level, (x, book) in enumerate(zip(images, books, strict=True)):
+        write_table(tmp_path, f"image.l{level}", [x], x.shape[1:], s, book)
+        tables.append(Table(tmp_path, f"image.l{level}", s.kind, book))
+    assert all(t.coded for t in tables)
+    rows = np.array([7, 0, 39, 12, 12])
+    norms = [t.norms(rows) for t in tables]
+    rotated = [t.rotate(torch.from_numpy(x)) for t, x in zip(tables, texts, strict=True)]
+    full = level_similarities([t.rows(rows) for t in tables], rotated, lengths, image_norms=norms)
+    dots, grams = [], []
+    for t, r in zip(tables, rotated, strict=True):
+        d = t.dots(rows, r.reshape(-1, 48))
+        decoded = t.rows(rows) if s.kind == "pca" else t.book.unrotate(t.decoder(t.parts["pq"][rows]))
+        assert d.shape == (5, decoded.shape[1], 6 * 9)
+        np.testing.assert_allclose(d.numpy(), (decoded @ r.reshape(-1, 48).T).numpy(), atol=2e-4, rtol=1e-4)
+        dots.append(d.view(5, -1, 6, 9))
+        grams.append(r @ r.transpose(1, 2))
+    got = level_similarities([None, None], [None, None], lengths, image_norms=norms, text_grams=grams,
+                             image_dots=dots)  # fmt: skip
+    for f, g in zip(full, got, strict=True):
+        assert (f - g).abs().max() < 1e-5
+    # the score depends on the dots: wrong dots give other scores (the check can fail)
+    moved = scan_i2t_dots(dots[0] * 1.5, lengths, image_norms=norms[0], text_gram=grams[0])
+    assert (moved - full[0]).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="text_grams"):
+        level_similarities([None, None], [None, None], lengths, image_norms=norms, image_dots=dots)
