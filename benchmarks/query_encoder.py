@@ -3,6 +3,7 @@
     python benchmarks/query_encoder.py speed [--threads 2] [--runs 60]
     python benchmarks/query_encoder.py fidelity [--queries 1000]
     python benchmarks/query_encoder.py choose              # what the service's start-up choice picks here
+    python benchmarks/query_encoder.py int8-study          # why no int8 variant is offered (demo model)
 
 ``speed``: HAT-base sizes (BERT-base, random weights, seed 0, float16-saved weights as ``prepare-base``
 makes them), one caption per forward as a search encodes it (tokenise, BERT, projections), median / p90 over
@@ -14,6 +15,14 @@ global vectors, then the HAT re-rank of those 100 with float32 image features; o
 features and once with each precision's. Reported: top-10 agreement of the final ranking (share of
 float32's top 10 in the precision's top 10), top-1 agreement, and the mean / max absolute error of the HAT
 score over float32's 100 candidates.
+
+``int8-study``: where int8 loses the demo model's features. Each variant replaces the text encoder's linear
+layers by a float32 simulation ("fake quantisation": values rounded to the int8 grid, products in float32) of
+one way to quantise them, and reports the relative error of the token features against float32 over the test
+split's first captions: weights only (per output channel), activations only (per tensor, as dynamic
+quantisation does; per token), activations of one kind of layer only, and SmoothQuant-style scaling
+(``x W^T = (x / s)(W s)^T`` with ``s = max|x|^a / max|W|^(1-a)`` per input channel, ``max|x|`` calibrated on
+the probe captions) with per-channel weights and per-tensor activations.
 """
 
 from __future__ import annotations
@@ -130,6 +139,103 @@ def cmd_choose(args) -> None:
     print(f"{choice.describe()} (measured in {time.perf_counter() - started:.1f} s)")
 
 
+class _FakeInt8(torch.nn.Module):
+    """A linear layer computing in float32 what an int8 scheme would (see ``int8-study``)."""
+
+    def __init__(self, linear, weights: bool, acts: str | None, smooth: torch.Tensor | None = None) -> None:
+        super().__init__()
+        w = linear.weight.detach().float()
+        self.scale = None if smooth is None else 1.0 / smooth
+        if smooth is not None:
+            w = w * smooth[None, :]
+        if weights:
+            step = w.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127
+            w = (w / step).round().clamp(-127, 127) * step
+        self.weight, self.bias, self.acts = w, linear.bias.detach().float(), acts
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.scale is not None:
+            x = x * self.scale
+        if self.acts == "tensor":  # asymmetric uint8 over the whole input, as quantize_dynamic's activations
+            lo, hi = x.min().clamp(max=0), x.max().clamp(min=0)
+            step = ((hi - lo) / 255).clamp_min(1e-12)
+            zero = (-lo / step).round()
+            x = ((x / step).round() + zero).clamp(0, 255).sub(zero) * step
+        elif self.acts == "token":
+            step = x.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / 127
+            x = (x / step).round() * step
+        return torch.nn.functional.linear(x, self.weight, self.bias)
+
+
+def cmd_int8_study(args) -> None:
+    import copy
+    import json
+
+    from model.precision import PROBES
+
+    torch.set_num_threads(args.threads)
+    model = load_model(REPO / "models" / "demo")
+    base = model.text_encoder
+    rows = [json.loads(line) for line in Path(args.manifest).read_text().splitlines()[: args.images]]
+    texts = [c for r in rows for c in r["captions"]]
+    linears = [n for n, m in base.named_modules() if isinstance(m, torch.nn.Linear)]
+    peaks: dict[str, torch.Tensor] = {}
+
+    def record(name):
+        def hook(_module, inputs, _output):
+            peak = inputs[0].detach().abs().flatten(0, -2).amax(dim=0)
+            peaks[name] = torch.maximum(peaks[name], peak) if name in peaks else peak
+        return hook
+
+    handles = [base.get_submodule(n).register_forward_hook(record(n)) for n in linears]
+    for probe in PROBES:
+        _encode(model, base, [probe])
+    for handle in handles:
+        handle.remove()
+
+    def features(encoder):
+        out = [_encode(model, encoder, [t])[0] for t in texts]
+        return [torch.cat([o[level][0] for o in out]) for level in range(len(out[0]))]
+
+    reference = features(base)
+
+    def variant(make, only=lambda name: True):
+        clone = copy.deepcopy(base)
+        for name in linears:
+            if only(name):
+                parent, _, child = name.rpartition(".")
+                setattr(clone.get_submodule(parent), child, make(name, base.get_submodule(name)))
+        errs = torch.cat([((a - b).norm(dim=-1) / a.norm(dim=-1).clamp_min(1e-12))
+                          for a, b in zip(reference, features(clone), strict=True)])  # fmt: skip
+        return float(errs.mean()), float(errs.max())
+
+    def smooth(alpha):
+        def make(name, linear):
+            w = linear.weight.detach().abs().amax(dim=0).clamp_min(1e-5)
+            s = (peaks[name].clamp_min(1e-5) ** alpha / w ** (1 - alpha)).clamp_min(1e-5)
+            return _FakeInt8(linear, True, "tensor", s)
+        return make
+
+    ffn2 = lambda n: n.endswith("output.dense") and "attention" not in n  # noqa: E731
+    cases = [
+        ("int8 weights only (per output channel)", lambda n, lin: _FakeInt8(lin, True, None), None),
+        ("int8 activations only, per tensor", lambda n, lin: _FakeInt8(lin, False, "tensor"), None),
+        ("int8 activations only, per token", lambda n, lin: _FakeInt8(lin, False, "token"), None),
+        ("  ... only into query/key/value", lambda n, lin: _FakeInt8(lin, False, "tensor"), lambda n: ".self." in n),
+        ("  ... only into attention output", lambda n, lin: _FakeInt8(lin, False, "tensor"),
+         lambda n: "attention.output" in n),
+        ("  ... only into FFN in", lambda n, lin: _FakeInt8(lin, False, "tensor"), lambda n: "intermediate" in n),
+        ("  ... only into FFN out", lambda n, lin: _FakeInt8(lin, False, "tensor"), ffn2),
+        ("weights + activations per tensor (quantize_dynamic)", lambda n, lin: _FakeInt8(lin, True, "tensor"), None),
+        ("SmoothQuant a=0.5, weights per channel", smooth(0.5), None),
+        ("SmoothQuant a=0.75, weights per channel", smooth(0.75), None),
+    ]
+    print(f"demo text encoder, {len(texts)} captions; relative token-feature error against float32 (mean, max)")
+    for label, make, only in cases:
+        mean, worst = variant(make, only or (lambda name: True))
+        print(f"{label:55s} mean {100 * mean:6.2f}%  max {100 * worst:6.2f}%", flush=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
@@ -146,12 +252,17 @@ def build_parser() -> argparse.ArgumentParser:
     choose = sub.add_parser("choose", help="run the service's start-up choice and print what it measured")
     choose.add_argument("--model", default="base", help="'base' (random HAT-base) or a model path")
     choose.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    study = sub.add_parser("int8-study", help="demo model: feature error of int8 schemes, simulated in float32")
+    study.add_argument("--manifest", default=str(REPO / "data/world/manifest.jsonl"), help="captions' manifest")
+    study.add_argument("--images", type=int, default=60, help="its first N items' captions (default 60)")
+    study.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    {"speed": cmd_speed, "fidelity": cmd_fidelity, "choose": cmd_choose}[args.what](args)
+    commands = {"speed": cmd_speed, "fidelity": cmd_fidelity, "choose": cmd_choose, "int8-study": cmd_int8_study}
+    commands[args.what](args)
     return 0
 
 

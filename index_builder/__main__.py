@@ -13,7 +13,7 @@ import json
 import logging
 import sys
 
-from index_format import StoreSpec
+from index_format import DEFAULT_STORE, StoreSpec
 from model import CommandParser
 
 from .build import BuildOptions, add, build, remove
@@ -31,7 +31,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="images encoded per forward pass")
     p.add_argument("--workers", type=int, default=2, help="decoding worker processes (0: in the main process)")
     p.add_argument("--shard-size", type=int, default=1024, help="items per resumable shard")
-    p.add_argument("--store", default="float16",
+    p.add_argument("--store", default=DEFAULT_STORE,
                    help="re-rank feature store: float16, int8, pca[:BITS] (pca:3) or pq[:BITS] (pq:1)")
     p.add_argument("--keep", type=int, default=3, help="published versions to keep")
     p.add_argument("--max-pixels", type=int, default=89_478_485, help="decompression-bomb limit per image")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from index_format import IndexRoot, StoreSpec, write_json
+from index_format import DEFAULT_STORE, IndexRoot, StoreSpec, write_json
 from model import DeviceError, load_model, resolve_device
 
 from .encode import EncodeOptions, drop_unfinished, encode_shard, is_committed
@@ -40,7 +40,7 @@ class BuildOptions:
     batch_size: int = 32
     workers: int = 2
     shard_size: int = 1024
-    store: str = "float16"
+    store: str = DEFAULT_STORE
     keep: int = 3
     max_pixels: int = 89_478_485
     exact_limit: int = EXACT_LIMIT

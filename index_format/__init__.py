@@ -42,6 +42,7 @@ from .sharded import (
     shard_version,
 )
 from .store import (
+    DEFAULT_STORE,
     STORE_KINDS,
     PCACodebook,
     PQCodebook,
@@ -60,6 +61,7 @@ from .strength import StrengthScale, add_strength
 logging.getLogger("faiss.loader").setLevel(logging.WARNING)
 
 __all__ = [
+    "DEFAULT_STORE",
     "FORMAT_VERSION",
     "INDEX_FORMAT",
     "SEGMENT_FORMAT",
