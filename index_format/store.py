@@ -30,12 +30,11 @@ from torch.nn import functional as F
 STORE_KINDS = ("float16", "int8", "pca", "pq")
 CODED_KINDS = ("pca", "pq")  # stores with codebooks (image tokens only; captions stay float16)
 DEFAULT_BITS = {"pca": 2.0, "pq": 1.0}
-# The store new indexes get. pq:1.5 is the smallest measured to keep >= 99% of float32's top 10 on the demo test
-# split (99.14%, 153,615 B per HAT-base image, 10.3x under float16; re-ranked from its codes without decoding:
-# docs/benchmarks.md, "HAT-base at interactive speed") and is meant to become the default; float16 stays until
-# the test suite's exact-score checks name their store (issue 18, in progress).
-DEFAULT_STORE = "float16"
-KMEANS_ROWS = 65_536  # token rows each pq byte's 256 centroids are fitted on
+# The store new indexes get: the smallest measured to keep >= 99% of float32's top 10 on the demo test split
+# (99.14%, 153,615 B per HAT-base image, 10.3x under float16) and re-ranked from its codes without decoding
+# (docs/benchmarks.md, "HAT-base at interactive speed"). ``--store float16`` keeps the features as encoded.
+DEFAULT_STORE = "pq:1.5"
+KMEANS_ROWS = 16_384  # token rows each pq byte's 256 centroids are fitted on (65,536 measured no better)
 CHUNK_TOKENS = 65_536  # token rows converted to float32 at a time when writing a table (bounds memory)
 
 
@@ -369,21 +368,32 @@ class PQCodebook:
         return len(self.first)
 
     def encode(self, x: np.ndarray) -> np.ndarray:
-        """``[T, D]`` -> codes ``[T, B]`` uint8: each byte the nearest centroid (weighted) of its axes."""
-        z = torch.from_numpy(np.asarray(x, dtype=np.float32) @ self.basis.T - self.mean)
+        """``[T, D]`` -> codes ``[T, B]`` uint8: each byte the nearest centroid (weighted) of its axes.
+
+        Each run of bytes with the same number of axes is one FAISS ``ProductQuantizer`` (its sub-quantisers are
+        the bytes, in the weighted coordinates), whose ``compute_codes`` finds the nearest of 256 centroids per
+        byte in C++ without materialising the ``[T, bytes, 256]`` distances (that took ~30 minutes for a
+        10,000-image HAT-base gallery in torch, most of it memory traffic); a one-axis byte with sorted levels (the
+        Lloyd-Max quantiser's) is a bisection of the midpoints between its levels.
+        """
+        import faiss
+
+        z = np.asarray(x, dtype=np.float32) @ self.basis.T - self.mean
         out = np.zeros((len(z), len(self.first)), np.uint8)
-        w = torch.from_numpy(self.weight)
-        for b0, b1 in _runs(self.dims):  # bytes of one width side by side: one batched product
-            count = int(self.dims[b0])
-            start = int(self.first[b0])
-            c = torch.from_numpy(self.centroids[b0:b1, :, :count]) * w[start : start + count * (b1 - b0)].view(
-                b1 - b0, 1, count)  # fmt: skip
-            c_sq = (c * c).sum(-1)  # [nb, 256]
-            for t0 in range(0, len(z), 4096):
-                sub = z[t0 : t0 + 4096, start : start + count * (b1 - b0)] * w[start : start + count * (b1 - b0)]
-                sub = sub.view(-1, b1 - b0, count).transpose(0, 1)  # [nb, t, count]
-                dist = c_sq[:, None, :] - 2 * torch.bmm(sub, c.transpose(1, 2))
-                out[t0 : t0 + 4096, b0:b1] = dist.argmin(-1).T.numpy().astype(np.uint8)
+        for b0, b1 in _runs(self.dims):  # bytes of one width side by side: one product quantiser
+            count, start = int(self.dims[b0]), int(self.first[b0])
+            width = count * (b1 - b0)
+            levels = self.centroids[b0:b1, :, 0]
+            if count == 1 and (np.diff(levels, axis=1) >= 0).all():  # one axis, sorted levels: the nearest by bisection
+                edges = (levels[:, 1:] + levels[:, :-1]) / 2
+                for j in range(b1 - b0):
+                    out[:, b0 + j] = np.searchsorted(edges[j], z[:, start + j])
+                continue
+            w = self.weight[start : start + width]
+            quantizer = faiss.ProductQuantizer(width, b1 - b0, 8)
+            centroids = self.centroids[b0:b1, :, :count] * w.reshape(b1 - b0, 1, count)
+            faiss.copy_array_to_vector(np.ascontiguousarray(centroids, np.float32).ravel(), quantizer.centroids)
+            out[:, b0:b1] = quantizer.compute_codes(np.ascontiguousarray(z[:, start : start + width] * w))
         return out
 
     def decoder_groups(self) -> list[tuple[np.ndarray, int, int]]:

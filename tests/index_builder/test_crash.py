@@ -218,8 +218,13 @@ def test_kill_9_at_random_points_live_index_serves_and_resume_equals_uninterrupt
     build(live_gallery, str(DEMO_MODEL), root, BuildOptions(workers=0, progress=False, device="cpu"))
     version_a = IndexRoot(root).current_version()
 
+    # float16 store: the check compares every feature of the resumed index with the uninterrupted one's to 1e-3;
+    # the encoder's float32 outputs are not bit-identical between runs, and a coded store (pq, the default)
+    # turns such last-bit differences into the odd flipped code (one quantisation step), which says nothing
+    # about crash safety. The coded stores' own resume path is tested in test_build.py (add reuses the codebook).
     args = ["build", "--gallery", str(gallery), "--model", str(DEMO_MODEL), "--device", "cpu", "--no-progress",
-            "--shard-size", str(shard_size), "--batch-size", str(min(8, shard_size)), "--workers", str(size["workers"])]
+            "--shard-size", str(shard_size), "--batch-size", str(min(8, shard_size)), "--workers", str(size["workers"]),
+            "--store", "float16"]
     cmd = [sys.executable, "-m", "index_builder", *args]
     reference = _timeline([*cmd, "--out", str(ref_root)], ref_root, n_shards)
     ev = reference["events"]
