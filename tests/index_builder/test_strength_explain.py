@@ -29,7 +29,7 @@ def model():
 @pytest.fixture(scope="module")
 def built(world, tmp_path_factory):
     roots = {}
-    for store in ("float16", "pca:2"):
+    for store in ("float16", "pca:2", "pq:1.5"):
         roots[store] = tmp_path_factory.mktemp(f"strength-{store.replace(':', '')}") / "root"
         build(world / "manifest.jsonl", str(DEMO_MODEL), roots[store], _opts(store=store))
     return roots
@@ -90,7 +90,7 @@ def test_calibrated_labels_follow_the_thresholds():
     assert rated[0]["match_percentile"] == 75.0 and rated[2]["match_percentile"] == 25.0
 
 
-@pytest.mark.parametrize("store", ["float16", "pca:2"])
+@pytest.mark.parametrize("store", ["float16", "pca:2", "pq:1.5"])
 def test_explanation_comes_from_the_reranked_features(built, model, store):
     """For text -> images and image -> captions: each level's attention, recomputed into a score, equals the
     level score the re-rank gave (same features: decoded, rotated); each word's map sums to 1 over the grid."""

@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from index_format import open_index
+from index_format import DEFAULT_STORE, open_index
 from service.settings import Settings
 from service.startup import serving_line
 
@@ -32,7 +32,7 @@ def test_serving_line_names_what_is_in_use(demo_model, index_root):
         index.close()
     assert line.startswith("serving: model models/demo (") and "\n" not in line
     assert f"({demo_model.identity[:12]}, float32 weights) on cpu" in line
-    assert f"index {index.version} (40 images, 200 captions; store float16)" in line
+    assert f"index {index.version} (40 images, 200 captions; store {DEFAULT_STORE})" in line  # the builder's default
     assert "FAISS images flat-ip [IndexFlatIP], captions flat-ip [IndexFlatIP]" in line
     assert "re-rank bfloat16" in line and "x 3 workers, batches of up to 4" in line
 
