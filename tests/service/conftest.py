@@ -87,10 +87,24 @@ def _built_index(world, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def sharded_root(world, tmp_path_factory) -> Path:
-    """The base gallery built with ``--shards 3`` (ROOT/shards/00..02)."""
+    """The base gallery built with ``--shards 3`` (ROOT/shards/00..02), store float16.
+
+    float16 because the sharding tests compare answers with an unsharded index's to 1e-5: under a coded store
+    (pq, the default) each shard trains its own codebook on its own images, so their scores differ at the store's
+    own error level (README, "Sharded serving").
+    """
     root = tmp_path_factory.mktemp("sharded") / "root"
     _run_builder("build", "--gallery", str(world["manifests"]["base"]), "--model", str(DEMO_MODEL),
-                 "--out", str(root), "--shards", "3", "--no-progress")  # fmt: skip
+                 "--out", str(root), "--shards", "3", "--store", "float16", "--no-progress")  # fmt: skip
+    return root
+
+
+@pytest.fixture(scope="session")
+def float16_root(world, tmp_path_factory) -> Path:
+    """The base gallery unsharded with store float16: what ``sharded_root``'s answers are compared with."""
+    root = tmp_path_factory.mktemp("float16") / "root"
+    _run_builder("build", "--gallery", str(world["manifests"]["base"]), "--model", str(DEMO_MODEL),
+                 "--out", str(root), "--store", "float16", "--no-progress")  # fmt: skip
     return root
 
 

@@ -151,14 +151,17 @@ def test_image_explanation_has_the_captions_words(client, world):
         _check_levels(hit["explain"], hit["score"], len(tokens))
 
 
-def test_a_sharded_index_filters_rates_and_explains_as_one(client, start_server, sharded_root, world):
+def test_a_sharded_index_filters_rates_and_explains_as_one(start_server, sharded_root, float16_root, world):
     """Each shard filters, rates and explains its own results: merged, they equal the unsharded index's (flat
     first stage, every match re-ranked), filter_matches is summed, and a key no shard has is refused."""
     sharded = start_server(index_root=str(sharded_root))
+    plain = start_server(index_root=str(float16_root))  # the same store as the shards (float16)
     sharded.wait_ready()
+    plain.wait_ready()
     query = world["items"]["test_00017"]["captions"][0]
     body = {"query": query, "k": 4, "filter": {"n": ALLOWED}, "explain": True}
-    want = _text(client, **body)
+    with plain.client() as one:
+        want = _text(one, **body)
     with sharded.client() as other:
         got = _text(other, **body)
         unknown = other.post("/search/text", json={"query": query, "filter": {"colour": "red"}})

@@ -1,9 +1,9 @@
 """A sharded root served by ``python -m service``'s app: the same answers as the unsharded index.
 
-Both indexes are built by the real builder from the same 44-image gallery (``--shards 3`` and without), and
-searched over HTTP. With every image a candidate both searches are exhaustive, so they must agree exactly;
-with few candidates each shard re-ranks its own, so the sharded answers are at least as good at every rank
-and every score is that id's own HAT score.
+Both indexes are built by the real builder from the same 44-image gallery (``--shards 3`` and without, both
+``--store float16``), and searched over HTTP. With every image a candidate both searches are exhaustive, so
+they must agree exactly; with few candidates each shard re-ranks its own, so the sharded answers are at least
+as good at every rank and every score is that id's own HAT score.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ def sharded_copy(sharded_root, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def servers(start_server, index_root, sharded_copy):
-    plain = start_server(index_root=str(index_root), max_k=1000)  # exhaustive answers: every caption
+def servers(start_server, float16_root, sharded_copy):
+    plain = start_server(index_root=str(float16_root), max_k=1000)  # exhaustive answers: every caption
     sharded = start_server(index_root=str(sharded_copy), max_k=1000)
     plain.wait_ready()
     sharded.wait_ready()
