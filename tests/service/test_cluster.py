@@ -43,8 +43,11 @@ def cluster(world, sharded_root):
 
     ray.init(num_cpus=8, include_dashboard=False, logging_level="WARNING")
     port = _port()
+    # shard_timeout 8 s: in CI (2 cores, Docker and Ray beside the test) a killed replica's calls were left
+    # unanswered and the surviving replica answered its hedges only after more than 3 s (2026-12-03); a shard
+    # without any replica is still left out after the deadline (test_shard_without_replicas_...).
     settings = Settings(index_root=str(sharded_root), model=str(world["model"]), port=port, reload_interval=0.5,
-                        shard_timeout=3.0, max_upload_bytes=200_000)  # fmt: skip
+                        shard_timeout=8.0, max_upload_bytes=200_000)  # fmt: skip
     try:
         deploy(settings, 3, 2)
         url = f"http://127.0.0.1:{port}"
