@@ -192,6 +192,8 @@ def _time_rerank(label: str, tables, text_levels, lengths, args) -> None:
         torch.set_num_threads(threads)
         cells = []
         for name, fn in (("full", full), ("coded axes", narrow), ("from codes", codes)):
+            if name not in args.paths.split(","):
+                continue
             if name == "coded axes" and not any(t.narrows for t in tables):
                 continue
             if name == "from codes" and not all(t.coded for t in tables):
@@ -232,6 +234,8 @@ def main() -> None:
     parser.add_argument("--threads", type=lambda v: [int(x) for x in v.split(",")], default=[1, 2],
                         help="base-store: torch threads, comma-separated (default 1,2)")
     parser.add_argument("--stores", default=",".join(STORES), help="comma-separated stores for fidelity")
+    parser.add_argument("--paths", default="full,coded axes,from codes",
+                        help="base-store: the re-rank paths timed, comma-separated (default all)")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     {"encode": bench_encode, "fidelity": bench_fidelity, "base-store": bench_base_store}[args.what](args)

@@ -507,7 +507,7 @@ class PCADecoder:
         self.rest = book.mean[start_dim:].astype(np.float32)  # uncoded components decode to their mean
         self.dim = len(book.mean)
         self.n_bytes = start_byte
-        self.byte_offsets = torch.arange(start_byte, dtype=torch.int32) * 256
+        self.byte_offsets = np.arange(start_byte, dtype=np.int32) * 256  # byte j's rows of the lookup table
 
     def lookup_table(self, narrowed: torch.Tensor) -> torch.Tensor:
         """``[B * 256, N]``: row ``256 * j + v`` holds the dot products of byte ``j``'s decoded value ``v`` (its
@@ -532,10 +532,11 @@ class PCADecoder:
         """
         codes = np.asarray(packed)
         lead = codes.shape[:-1]
-        index = torch.from_numpy(np.ascontiguousarray(codes.reshape(-1, codes.shape[-1]))).to(torch.int32)
+        # uint8 codes + int32 offsets in one numpy pass (a torch uint8 -> int32 cast, then the add, took 3x longer)
+        index = torch.from_numpy(np.add(codes.reshape(-1, codes.shape[-1]), self.byte_offsets, dtype=np.int32))
         table = self.lookup_table(narrowed)
         if self.n_bytes:
-            out = F.embedding_bag(index.add_(self.byte_offsets), table, mode="sum")
+            out = F.embedding_bag(index, table, mode="sum")
         else:
             out = torch.zeros(len(index), narrowed.shape[0])
         return out.add_(narrowed[:, self.coded].float()).view(*lead, narrowed.shape[0])
