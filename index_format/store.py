@@ -535,10 +535,7 @@ class PCADecoder:
         # uint8 codes + int32 offsets in one numpy pass (a torch uint8 -> int32 cast, then the add, took 3x longer)
         index = torch.from_numpy(np.add(codes.reshape(-1, codes.shape[-1]), self.byte_offsets, dtype=np.int32))
         table = self.lookup_table(narrowed)
-        if self.n_bytes:
-            out = F.embedding_bag(index, table, mode="sum")
-        else:
-            out = torch.zeros(len(index), narrowed.shape[0])
+        out = F.embedding_bag(index, table, mode="sum") if self.n_bytes else torch.zeros(len(index), len(narrowed))
         return out.add_(narrowed[:, self.coded].float()).view(*lead, narrowed.shape[0])
 
     def __call__(

@@ -7,7 +7,8 @@ Public API (see README "Python API"):
 * :func:`preprocess_image`, :func:`load_image`: decoding and the authors' eval transform.
 * :class:`HATTokenizer`: uncased BERT WordPiece, ``[CLS] ... [SEP]``, at most 32 tokens.
 * :mod:`model.alignment`: ``scan_i2t``, ``scan_t2i``, ``hierarchical_similarity``.
-* :func:`use_text_precision`: the query encoder in float32, bfloat16 or int8 (``auto``: timed at start-up).
+* :func:`use_text_precision`: the query encoder in float32, bfloat16, int8 or float32 on ONNX Runtime
+  (``auto``: timed at start-up).
 * :class:`CommandParser`: the argument parser of the project's commands (defaults and examples in the help).
 """
 

@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = str(REPO / "models" / "demo")
 Device = Literal["cpu", "cuda", "auto"]
 RerankDtype = Literal["float32", "bfloat16", "float16"]  # the torch dtypes of these names (service/search.py)
-TextPrecision = Literal["auto", "float32", "bfloat16", "int8"]  # model.precision
+TextPrecision = Literal["auto", "float32", "bfloat16", "int8", "onnx"]  # model.precision
 LogLevel = Literal["debug", "info", "warning", "error"]
 ENV_PREFIX = "HAT_"
 
@@ -123,7 +123,8 @@ class Settings(BaseSettings):
     text_precision: TextPrecision = Field(
         "auto",
         description="Precision of the query text encoder on CPU (`model.precision`): `auto` times `float32`, "
-        "`bfloat16` (bfloat16 linear layers) and `int8` (dynamically quantised linear layers) on the loaded model at "
+        "`bfloat16` (bfloat16 linear layers), `int8` (dynamically quantised linear layers) and `onnx` (the float32 "
+        "encoder run by ONNX Runtime) on the loaded model at "
         "start-up and keeps the fastest whose features stay within 0.8% of float32's (logged; the bound keeps "
         "≥ 99.5% of the final top 10 on the demo model: `docs/benchmarks.md`, Query encoding). Applies when the "
         "service loads the model itself; on a GPU the model runs as loaded.",

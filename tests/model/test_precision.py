@@ -12,6 +12,7 @@ from model.precision import (
     MAX_FEATURE_ERROR,
     PROBES,
     TEXT_PRECISIONS,
+    OnnxTextEncoder,
     choose_text_precision,
     text_encoder_in,
     use_text_precision,
@@ -61,6 +62,23 @@ def test_each_precision_stays_close_to_float32(model, precision, bound):
             assert float(err.max()) > 0  # really another precision, not the float32 encoder again
 
 
+def test_onnx_runs_the_float32_encoder(model):
+    """ONNX Runtime runs the same float32 encoder: batches of captions of different lengths (padded to the longest,
+    as a batched search gives them) and one caption alone, shorter and longer than the traced example, give
+    float32's features on every real token."""
+    encoder = text_encoder_in(model, "onnx")
+    assert isinstance(encoder, OnnxTextEncoder) and encoder is not model.text_encoder
+    long = " ".join(["a small green circle above a large red square and"] * 6)  # ~60 tokens
+    for texts in ([*PROBES, long, "a star"], ["a star"], [long]):
+        reference, lengths = _features(model, model.text_encoder, texts)
+        got, _ = _features(model, encoder, texts)
+        for ref, out in zip(reference, got, strict=True):
+            assert out.dtype == torch.float32 and out.shape == ref.shape
+            for j, n in enumerate(lengths.tolist()):
+                err = (out[j, :n] - ref[j, :n]).norm(dim=-1) / ref[j, :n].norm(dim=-1)
+                assert float(err.max()) < 1e-5, (texts[j], float(err.max()))
+
+
 def test_choice_is_measured_and_within_the_bound(model):
     _, choice = choose_text_precision(model, runs=3)
     assert choice.chosen in TEXT_PRECISIONS and set(choice.ms) | set(choice.refused) == set(TEXT_PRECISIONS)
@@ -69,7 +87,7 @@ def test_choice_is_measured_and_within_the_bound(model):
     assert choice.chosen in choice.describe() and "ms (err" in choice.describe()
     # a bound nothing but float32 meets leaves float32
     _, strict = choose_text_precision(model, runs=1, max_error=1e-9)
-    assert strict.chosen == "float32" and set(strict.refused) == {"bfloat16", "int8"}
+    assert strict.chosen == "float32" and set(strict.refused) == {"bfloat16", "int8", "onnx"}
 
 
 def test_use_sets_the_encoder_and_keeps_the_identity(model):

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from index_format import DEFAULT_STORE, open_index
+from model import TEXT_PRECISIONS
 from service.settings import Settings
 from service.startup import serving_line
 
@@ -63,7 +64,7 @@ def test_service_start_up_log_is_one_line_and_no_faiss_probing(index_root, tmp_p
     # HAT_TEXT_PRECISION unset = auto: the candidates were timed, and the choice is in the serving line
     (measured,) = [line for line in text.splitlines() if "INFO service: text encoder " in line]
     chosen = measured.split("INFO service: text encoder ", 1)[1].split(":", 1)[0]
-    assert chosen in ("float32", "bfloat16", "int8") and "float32 " in measured and " ms (err " in measured, text
+    assert chosen in TEXT_PRECISIONS and "float32 " in measured and " ms (err " in measured, text
     assert f"; query encoder {chosen}; re-rank float32;" in lines[0], lines[0]
     assert not [line for line in text.splitlines() if any(p in line for p in FAISS_PROBING)], text
 
