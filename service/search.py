@@ -21,6 +21,7 @@ from model import ImageDecodeError, TokenizerError, load_pixels
 from .annotate import add_tokens, explanations, filter_errors, is_weak, level_sum
 from .errors import ServiceError
 from .settings import RerankDtype, Settings
+from .sharing import IdleWorkers
 
 if TYPE_CHECKING:
     from .state import IndexState
@@ -46,11 +47,21 @@ class SearchOptions:
 
     rerank_dtype: torch.dtype
     max_image_pixels: int
+    helpers: IdleWorkers | None = None  # idle search workers a re-rank may split its candidates over
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> SearchOptions:
-        """The options of ``settings`` (``HAT_RERANK_DTYPE``, ``HAT_MAX_IMAGE_PIXELS``)."""
-        return cls(rerank_dtype=DTYPES[settings.rerank_dtype], max_image_pixels=settings.max_image_pixels)
+    def from_settings(cls, settings: Settings, helpers: IdleWorkers | None = None) -> SearchOptions:
+        """The options of ``settings`` (``HAT_RERANK_DTYPE``, ``HAT_MAX_IMAGE_PIXELS``); ``helpers`` when
+        ``HAT_SPLIT_RERANK`` is on."""
+        return cls(
+            rerank_dtype=DTYPES[settings.rerank_dtype],
+            max_image_pixels=settings.max_image_pixels,
+            helpers=helpers if settings.split_rerank else None,
+        )
+
+    def split(self, score, rows: np.ndarray) -> torch.Tensor:
+        """``score(rows)``, its candidates split over the idle search workers when there are any."""
+        return score(rows) if self.helpers is None else self.helpers.split(score, rows)
 
 
 def image_url(image_id: str) -> str:
@@ -207,7 +218,10 @@ def rank_images(part, lock, texts: TextFeatures, params: list[SearchParams], opt
         query_levels = [t[i : i + 1, :length] for t in texts.levels]
 
         def score(rows, per_level=False, query_levels=query_levels, length=length):
-            return part.rerank_images(query_levels, length, rows, options.rerank_dtype, device, per_level)
+            def chunk(rows):
+                return part.rerank_images(query_levels, length, rows, options.rerank_dtype, device, per_level)
+
+            return options.split(chunk, rows)
 
         def explain(rows, query_levels=query_levels, length=length):
             return part.explain_images(query_levels, length, rows, options.rerank_dtype)
@@ -417,7 +431,10 @@ def rank_captions(part, lock, vector: np.ndarray, levels: list[torch.Tensor], pa
     first, rows, matches = _first_stage(part, "captions", vector, params, params.candidates, clock)
 
     def score(rows, per_level=False):
-        return part.rerank_captions(levels, rows, options.rerank_dtype, device, per_level)
+        def chunk(rows):
+            return part.rerank_captions(levels, rows, options.rerank_dtype, device, per_level)
+
+        return options.split(chunk, rows)
 
     def explain(rows):
         return part.explain_captions(levels, rows, options.rerank_dtype)

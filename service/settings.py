@@ -91,6 +91,11 @@ class Settings(BaseSettings):
     workers: int = Field(
         2, ge=1, description="Searches computed at the same time (worker threads); more requests wait their turn."
     )
+    split_rerank: bool = Field(
+        True,
+        description="While fewer searches run than `HAT_WORKERS`, a query's re-rank splits its candidates over the "
+        "idle workers (helper threads; the same scores). `false`: each re-rank runs on its own worker only.",
+    )
     max_batch: int = Field(
         8,
         ge=1,

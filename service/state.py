@@ -39,6 +39,7 @@ from .errors import NotReadyError, ServiceError
 from .metrics import Metrics
 from .search import SearchOptions
 from .settings import Settings
+from .sharing import IdleWorkers
 from .startup import serving_line
 
 logger = logging.getLogger("service")
@@ -77,7 +78,8 @@ class Engine:
     def __init__(self, settings: Settings, metrics: Metrics, model=None) -> None:
         self.settings = settings
         self.metrics = metrics
-        self.search_options = SearchOptions.from_settings(settings)  # the same for every request
+        self.idle_workers = IdleWorkers(settings.workers)  # searches running; idle workers' cores lent to them
+        self.search_options = SearchOptions.from_settings(settings, self.idle_workers)  # the same for every request
         self.model = model
         self.text_precision: str | None = None  # what the query encoder runs in, when this engine loaded it
         self.model_error: str | None = None
@@ -126,7 +128,7 @@ class Engine:
         function of service/search.py (``search_texts``, ``search_images``); each outcome is ``(result, index
         version)`` or the exception that request failed with."""
         try:
-            with self.lease() as (model, state):
+            with self.lease() as (model, state), self.idle_workers.search():
                 outcomes = getattr(search, searches)(model, state, requests, self.search_options)
         except NotReadyError as exc:
             return [exc] * len(requests)
@@ -148,6 +150,7 @@ class Engine:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         states = {s for s in (self.state, *self._retiring) if s is not None}
         self.state = None
+        self.idle_workers.close()
         for state in states:
             state.index.close()
 

@@ -1,0 +1,104 @@
+"""service/sharing.py: a re-rank split over idle search workers gives the scores it gives alone."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from index_format import open_index
+from service import search
+from service.search import SearchOptions, SearchParams
+from service.settings import Settings
+from service.sharing import MIN_CHUNK, IdleWorkers
+
+
+def test_split_follows_the_idle_workers_and_keeps_the_order():
+    helpers = IdleWorkers(3)
+    rows = np.arange(100)
+    seen: list[tuple[str, int]] = []
+
+    def score(chunk):
+        seen.append((threading.current_thread().name, len(chunk)))
+        return torch.from_numpy(chunk.astype(np.float32) * 2)
+
+    assert torch.equal(helpers.split(score, rows), torch.arange(100, dtype=torch.float32) * 2)
+    assert len(seen) == 3 and sum(n for _, n in seen) == 100  # nothing running: 3 idle, but 2 helper threads: 3 chunks
+    assert any(name.startswith("hat-rerank") for name, _ in seen)
+    seen.clear()
+    with helpers.search(), helpers.search():  # two of three workers busy: one idle, two chunks
+        assert helpers.idle() == 1
+        helpers.split(score, rows)
+    assert len(seen) == 2
+    seen.clear()
+    with helpers.search(), helpers.search(), helpers.search():  # all busy: no split
+        helpers.split(score, rows)
+    assert seen == [(threading.current_thread().name, 100)]
+    seen.clear()
+    helpers.split(score, np.arange(MIN_CHUNK + 1))  # too few candidates to split
+    assert len(seen) == 1
+    helpers.close()
+
+
+def test_a_failing_chunk_fails_the_split():
+    helpers = IdleWorkers(2)
+
+    def score(chunk):
+        if chunk[0] > 0:
+            raise ValueError("chunk failed")
+        return torch.zeros(len(chunk))
+
+    with pytest.raises(ValueError, match="chunk failed"):
+        helpers.split(score, np.arange(64))
+    helpers.close()
+
+
+@pytest.fixture(scope="module")
+def state(index_root: Path):
+    class State:
+        index, lock = open_index(index_root), threading.Lock()
+
+    yield State
+    State.index.close()
+
+
+def test_searches_split_over_idle_workers_equal_the_searches_alone(demo_model, state, world):
+    """Text and image searches (explained too) with the candidates split over idle workers: the same hits,
+    scores and explanations as each re-rank alone."""
+    helpers = IdleWorkers(2)
+    alone = SearchOptions.from_settings(Settings(split_rerank=False), helpers)
+    shared = SearchOptions.from_settings(Settings(), helpers)
+    assert alone.helpers is None and shared.helpers is helpers
+    calls = []
+    real = helpers.split
+
+    def counting(score, rows):
+        calls.append(len(rows))
+        return real(score, rows)
+
+    helpers.split = counting
+    params = SearchParams(k=10, candidates=40)
+    queries = [(world["items"][i]["captions"][0], params) for i in world["base_ids"][:6]]
+    queries.append(("a red circle left of a blue square", SearchParams(k=5, candidates=40, explain=True)))
+    image = Path(world["items"][world["base_ids"][0]]["image"]).read_bytes()
+    uploads = [(image, "captions", params), (image, "captions", SearchParams(k=5, candidates=40, explain=True))]
+    want = search.search_texts(demo_model, state, queries, alone) + search.search_images(
+        demo_model, state, uploads, alone
+    )
+    assert not calls
+    got = search.search_texts(demo_model, state, queries, shared) + search.search_images(
+        demo_model, state, uploads, shared
+    )
+    assert calls and all(n == 40 for n in calls)
+    for g, w in zip(got, want, strict=True):
+        assert [r["id"] for r in g["results"]] == [r["id"] for r in w["results"]]
+        np.testing.assert_allclose([r["score"] for r in g["results"]], [r["score"] for r in w["results"]], atol=1e-6)
+        assert [r.get("explain") is None for r in g["results"]] == [r.get("explain") is None for r in w["results"]]
+        for a, b in zip(g["results"], w["results"], strict=True):
+            assert a["strength"] == b["strength"]
+            if a.get("explain"):
+                assert a["explain"]["levels"][0]["score"] == pytest.approx(b["explain"]["levels"][0]["score"], abs=1e-6)
+    helpers.close()
