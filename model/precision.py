@@ -147,6 +147,9 @@ def text_encoder_in(model, precision: str) -> nn.Module:
         raise ValueError(f"text precision {precision} is for the CPU; the model is on {model.device}")
     if precision == "onnx":
         try:
+            # torch's threads (the service: one per search worker). A session on every core measured 106 against
+            # 113 ms p50 with one client, but 12.1 against 13.8 requests/s and p99 1.41 against 0.94 s with 8
+            # (HAT-base, 2 cores; docs/benchmarks.md): concurrent searches then share one pool.
             return OnnxTextEncoder(encoder, torch.get_num_threads()).eval()
         except ImportError as exc:
             raise RuntimeError(f"ONNX Runtime is not installed: {exc}") from exc
