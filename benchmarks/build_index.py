@@ -178,7 +178,7 @@ def _time_rerank(label: str, tables, text_levels, lengths, args) -> None:
         norms = [t.norms(rows) for t in tables]
         return sum_levels(level_similarities(images, texts, [n], image_norms=norms, text_grams=grams))
 
-    def codes(dtype):  # the re-rank's path now (GalleryIndex.rerank_images): dot products read from the codes
+    def codes(dtype, rows=rows):  # the re-rank's path now (GalleryIndex.rerank_images): dots read from the codes
         dots, grams = [], []
         for t, x in zip(tables, query, strict=True):
             rotated = t.rotate(x)
@@ -188,17 +188,26 @@ def _time_rerank(label: str, tables, text_levels, lengths, args) -> None:
         return sum_levels(level_similarities(dots, [None] * len(dots), [n], image_norms=norms, text_grams=grams,
                                              image_dots=dots))  # fmt: skip
 
+    from service.sharing import IdleWorkers
+
+    helpers = IdleWorkers(2)  # as python -m service with 2 workers, one searching: its re-rank split in two
+
+    def split(dtype):  # "from codes" with the candidates split over an idle search worker (service/sharing.py)
+        with helpers.search():
+            return helpers.split(lambda chunk: codes(dtype, chunk), rows)
+
     for threads in args.threads:
         torch.set_num_threads(threads)
         cells = []
-        for name, fn in (("full", full), ("coded axes", narrow), ("from codes", codes)):
+        paths = (("full", full), ("coded axes", narrow), ("from codes", codes), ("from codes split", split))
+        for name, fn in paths:
             if name not in args.paths.split(","):
                 continue
             if name == "coded axes" and not any(t.narrows for t in tables):
                 continue
-            if name == "from codes" and not all(t.coded for t in tables):
+            if name.startswith("from codes") and not all(t.coded for t in tables):
                 continue
-            for dtype in (torch.float32,) if name == "from codes" else (torch.float32, torch.bfloat16):
+            for dtype in (torch.float32,) if name.startswith("from codes") else (torch.float32, torch.bfloat16):
                 for _ in range(2):
                     fn(dtype)
                 times = []
@@ -234,7 +243,7 @@ def main() -> None:
     parser.add_argument("--threads", type=lambda v: [int(x) for x in v.split(",")], default=[1, 2],
                         help="base-store: torch threads, comma-separated (default 1,2)")
     parser.add_argument("--stores", default=",".join(STORES), help="comma-separated stores for fidelity")
-    parser.add_argument("--paths", default="full,coded axes,from codes",
+    parser.add_argument("--paths", default="full,coded axes,from codes,from codes split",
                         help="base-store: the re-rank paths timed, comma-separated (default all)")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
