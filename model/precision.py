@@ -9,8 +9,8 @@ tokens, so its time is mostly weight traffic and small matrix products. Four way
   output features stay float32. Fast where the CPU has bfloat16 instructions (AMX, AVX-512 BF16).
 * ``onnx``: the float32 encoder exported to ONNX and run by ONNX Runtime (:class:`OnnxTextEncoder`): the same
   arithmetic as float32 (features within ~1e-6), with ONNX Runtime's fused CPU kernels and none of the eager
-  framework's per-operator overhead. Measured 2.2x faster than eager float32 for one BERT-base caption on one
-  thread (docs/benchmarks.md, Query encoding).
+  framework's per-operator overhead. Measured 2.0x faster than eager float32 for one BERT-base caption on one
+  thread (39.9 against 81.6 ms; docs/benchmarks.md, Query encoding).
 * ``int8``: the BERT linear layers dynamically quantised (``torch.ao.quantization.quantize_dynamic``: int8
   weights, activations quantised per call, int32 accumulation): a quarter of the weight traffic. A fused
   int8-weight kernel with float activations (``torch._weight_int8pack_mm``) measured 3x slower here.
