@@ -238,7 +238,9 @@ class ClusterEngine(Engine):
                     response = getattr(self.searchers[s], method).remote(features, asks)
                     pending[asyncio.ensure_future(_awaited(response))] = response
                     calls += 1
-                    next_call = now + self.settings.shard_hedge if calls < SHARD_ATTEMPTS else None
+                    # the hedge is due a fixed time after this call was due, not after the loop woke up to send
+                    # it: a loop held up by other work must not push every later hedge past the deadline
+                    next_call = next_call + self.settings.shard_hedge if calls < SHARD_ATTEMPTS else None
                 if not pending and next_call is None:
                     return None  # every call failed
                 wake = min(deadline, next_call) if next_call is not None else deadline

@@ -51,8 +51,8 @@ class _Method:
 class _Shard:
     """A shard searcher stand-in: ``behaviour`` is "ok", "dead" (every call fails), "flaky" (the first call
     fails, as when a replica dies under it), "flakier" (the first three fail: the router picked the dead replica
-    again), "hang" (never answers) or "stuck" (the first call never answers, as when the router handed it to a
-    replica as it died; later calls answer)."""
+    again), "hang" (never answers), "stuck" (the first call never answers, as when the router handed it to a
+    replica as it died; later calls answer) or "blocking" (answers after holding the event loop for 0.4 s)."""
 
     def __init__(self, part, behaviour: str = "ok") -> None:
         self.part, self.behaviour, self.calls = part, behaviour, 0
@@ -70,7 +70,10 @@ class _Shard:
                 raise RuntimeError("replica died")
             if self.behaviour == "hang" or (self.behaviour == "stuck" and self.calls == 1):
                 await asyncio.sleep(3600)
-            return fn(*args)
+            if self.behaviour == "blocking":
+                time.sleep(0.4)  # holds the caller's event loop, as a slow callback on it would
+                return fn(*args)
+            return await asyncio.to_thread(fn, *args)  # a replica works elsewhere, not on the caller's loop
 
         return call
 
@@ -145,6 +148,17 @@ def test_a_missing_shard_gives_flagged_partial_answers(demo_model, sharded, worl
     assert [c.cancelled for c in engine.searchers[1].rank_images.issued] == [behaviour == "hang"] * SHARD_ATTEMPTS
     (refused,) = _search(_engine(demo_model, sharded, ["ok", behaviour, "ok"], partial_results=False), [query])
     assert isinstance(refused, ServiceError) and refused.status == 503 and refused.code == "shards_unavailable"
+
+
+def test_hedges_keep_their_schedule_when_the_loop_is_held_up(demo_model, sharded, world):
+    """Hedged calls are due at fixed times after the first call (0.3, 0.6, 0.9 s), not a hedge after the loop
+    happened to wake: a loop held up for 0.4 s by another shard's answer still gets all of them in before the
+    1 s deadline (counted from the late wake-up they would be at 0.4, 0.7 and 1.0 s, and the last one lost)."""
+    query = world["items"][world["base_ids"][0]]["captions"][0]
+    engine = _engine(demo_model, sharded, ["blocking", "hang", "ok"])
+    (got,) = _search(engine, [query])
+    assert got["partial"] is True and got["missing_shards"] == [1]
+    assert engine.searchers[1].calls == SHARD_ATTEMPTS
 
 
 def test_service_error_crosses_processes():
