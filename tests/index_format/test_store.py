@@ -163,6 +163,29 @@ def test_scores_from_codes_equal_the_full_decode(tmp_path, spec):
         level_similarities([None, None], [None, None], lengths, image_norms=norms, image_dots=dots)
 
 
+@pytest.mark.parametrize("tile, little_endian", [(1 << 20, True), (100, True), (100, False)])
+def test_dots_from_codes_read_in_tiles(tmp_path, monkeypatch, tile, little_endian):
+    """``dots`` reads the candidates' codes a tile at a time into each thread's reused index buffer (low byte
+    written in place on little-endian machines, an int32 add elsewhere): every tiling gives the decoded
+    features' dot products, in the order of the rows asked for (repeated and unsorted rows included), and a
+    second call on a smaller request reuses the buffer without stale indices."""
+    from index_format import store
+
+    monkeypatch.setattr(store, "INDEX_TILE", tile)
+    monkeypatch.setattr(store, "LITTLE_ENDIAN", little_endian)
+    s = StoreSpec.parse("pq:2")
+    x = _features(30, 7, 48, 5, 3)
+    (book,) = train_codebooks([x.reshape(-1, 48)], [_features(4, 5, 48, 5, 9).reshape(-1, 48)], [7], s.bits, s.kind)
+    write_table(tmp_path, "image.l0", [x], x.shape[1:], s, book)
+    t = Table(tmp_path, "image.l0", s.kind, book)
+    words = torch.from_numpy(_features(1, 5, 48, 5, 11)[0])
+    for rows in (np.array([29, 3, 3, 0, 17, 8, 21, 5]), np.array([4])):
+        decoded = t.book.unrotate(t.decoder(t.parts["pq"][rows]))
+        got = t.dots(rows, words)
+        assert got.shape == (len(rows), 7, 5)
+        np.testing.assert_allclose(got.numpy(), (decoded @ words.T).numpy(), atol=2e-4, rtol=1e-4)
+
+
 def test_pq_codes_are_the_nearest_weighted_centroids():
     """PQCodebook.encode (FAISS product quantisers per run of bytes, bisection for one-axis bytes) picks, for every
     byte, the centroid nearest in the weighted coordinates: checked against a brute-force search."""
