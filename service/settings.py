@@ -130,8 +130,9 @@ class Settings(BaseSettings):
         description="Precision of the query text encoder on CPU (`model.precision`): `auto` times `float32`, "
         "`bfloat16` (bfloat16 linear layers), `int8` (dynamically quantised linear layers) and `onnx` (the float32 "
         "encoder run by ONNX Runtime) on the loaded model at "
-        "start-up and keeps the fastest whose features stay within 0.8% of float32's (logged; the bound keeps "
-        "≥ 99.5% of the final top 10 on the demo model: `docs/benchmarks.md`, Query encoding). Applies when the "
+        "start-up and keeps the fastest whose features stay within 0.8% of float32's, or the most exact one "
+        "within 20% of its time (logged; the bound keeps ≥ 99.5% of the final top 10 on the demo model: "
+        "`docs/benchmarks.md`, Query encoding). Applies when the "
         "service loads the model itself; on a GPU the model runs as loaded.",
     )
     log_level: LogLevel = Field("info", description="Log level of the service and of uvicorn.")
