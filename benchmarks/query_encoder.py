@@ -4,6 +4,7 @@
     python benchmarks/query_encoder.py fidelity [--queries 1000]
     python benchmarks/query_encoder.py choose              # what the service's start-up choice picks here
     python benchmarks/query_encoder.py int8-study          # why no int8 variant is offered (demo model)
+    python benchmarks/query_encoder.py weights             # the encoder's products: weights streamed vs cached
 
 ``speed``: HAT-base sizes (BERT-base, random weights, seed 0, float16-saved weights as ``prepare-base``
 makes them), one caption per forward as a search encodes it (tokenise, BERT, projections), median / p90 over
@@ -236,6 +237,42 @@ def cmd_int8_study(args) -> None:
         print(f"{label:55s} mean {100 * mean:6.2f}%  max {100 * worst:6.2f}%", flush=True)
 
 
+def cmd_weights(args) -> None:
+    """The text encoder's matrix products for one query, with the weights streamed from memory as a forward does
+    (each of BERT-base's linear layers once, in order) and with one layer's weights reused (cache-resident)."""
+    from torch.nn import functional as F
+
+    torch.set_num_threads(args.threads)
+    model = _base_model()
+    linears = [m for m in model.text_encoder.modules() if isinstance(m, torch.nn.Linear)]
+    print(f"HAT-base text encoder: {len(linears)} linear layers, {args.tokens} tokens, {args.threads} thread(s)")
+
+    def median_ms(fn, runs: int) -> float:
+        fn()
+        times = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1000.0)
+        return statistics.median(times)
+
+    with torch.inference_mode():
+        for dtype in (torch.float32, torch.bfloat16):
+            weights = [m.weight.detach().to(dtype).contiguous() for m in linears]
+            xs = {k: torch.randn(1, args.tokens, k).to(dtype) for k in {w.shape[1] for w in weights}}
+            total = median_ms(lambda ws=weights, xs=xs: [F.linear(xs[w.shape[1]], w) for w in ws], args.runs)
+            size = sum(w.numel() * w.element_size() for w in weights)
+            cells = []
+            for shape in sorted({tuple(w.shape) for w in weights}):
+                w = next(w for w in weights if tuple(w.shape) == shape)
+                x = xs[shape[1]]
+                cached = median_ms(lambda w=w, x=x: [F.linear(x, w) for _ in range(20)], args.runs) / 20
+                cells.append(f"{shape[1]}x{shape[0]} {cached * 1000:.0f} us")
+            print(f"{str(dtype).removeprefix('torch.'):9s} streamed: {total:6.1f} ms for {size / 2**20:.0f} MiB of "
+                  f"weights ({total * 1000 / len(weights):.0f} us a product, {size / total / 1e6:.1f} GB/s); "
+                  f"cache-resident: " + ", ".join(cells), flush=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
@@ -256,12 +293,17 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--manifest", default=str(REPO / "data/world/manifest.jsonl"), help="captions' manifest")
     study.add_argument("--images", type=int, default=60, help="its first N items' captions (default 60)")
     study.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    weights = sub.add_parser("weights", help="HAT-base: the encoder's products with streamed vs cached weights")
+    weights.add_argument("--tokens", type=int, default=17, help="query tokens (default 17)")
+    weights.add_argument("--runs", type=int, default=15, help="timed passes (default 15)")
+    weights.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    commands = {"speed": cmd_speed, "fidelity": cmd_fidelity, "choose": cmd_choose, "int8-study": cmd_int8_study}
+    commands = {"speed": cmd_speed, "fidelity": cmd_fidelity, "choose": cmd_choose, "int8-study": cmd_int8_study,
+                "weights": cmd_weights}
     commands[args.what](args)
     return 0
 

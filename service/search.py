@@ -27,6 +27,9 @@ if TYPE_CHECKING:
     from .state import IndexState
 
 DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in get_args(RerankDtype)}
+# A caption's tokens as the re-rank split estimates an image query's work per caption candidate (captions vary;
+# a COCO-style caption with [CLS] and [SEP] has about this many).
+CAPTION_TOKENS = 16
 
 
 @dataclass(frozen=True)
@@ -59,9 +62,10 @@ class SearchOptions:
             helpers=helpers if settings.split_rerank else None,
         )
 
-    def split(self, score, rows: np.ndarray) -> torch.Tensor:
-        """``score(rows)``, its candidates split over the idle search workers when there are any."""
-        return score(rows) if self.helpers is None else self.helpers.split(score, rows)
+    def split(self, score, rows: np.ndarray, pairs_per_row: int) -> torch.Tensor:
+        """``score(rows)``, its candidates split over the idle search workers when there are any and the work
+        (``pairs_per_row`` query-candidate token pairs a candidate) is worth it."""
+        return score(rows) if self.helpers is None else self.helpers.split(score, rows, pairs_per_row)
 
 
 def image_url(image_id: str) -> str:
@@ -221,7 +225,7 @@ def rank_images(part, lock, texts: TextFeatures, params: list[SearchParams], opt
             def chunk(rows):
                 return part.rerank_images(query_levels, length, rows, options.rerank_dtype, device, per_level)
 
-            return options.split(chunk, rows)
+            return options.split(chunk, rows, image_tokens(part) * length)
 
         def explain(rows, query_levels=query_levels, length=length):
             return part.explain_images(query_levels, length, rows, options.rerank_dtype)
@@ -230,6 +234,15 @@ def rank_images(part, lock, texts: TextFeatures, params: list[SearchParams], opt
         own.ms["first_stage"] = round(clock.ms["first_stage"] + own.ms.get("first_stage", 0.0), 3)
         answers.append(_answer(part, "images", p, entries, own.ms, matches))
     return answers
+
+
+def image_tokens(part) -> int:
+    """An image's token rows over all levels in ``part`` (the manifest's ``image_tokens``; older manifests
+    without it: the first segment's tables)."""
+    tokens = part.manifest["model"].get("image_tokens")
+    if tokens is None:
+        tokens = [table.parts["norms"].shape[1] for table in part.segments[0].image]
+    return int(sum(tokens))
 
 
 def _first_stage(part, kind: str, vector: np.ndarray, p: SearchParams, wanted: int, clock: _Clock):
@@ -434,7 +447,7 @@ def rank_captions(part, lock, vector: np.ndarray, levels: list[torch.Tensor], pa
         def chunk(rows):
             return part.rerank_captions(levels, rows, options.rerank_dtype, device, per_level)
 
-        return options.split(chunk, rows)
+        return options.split(chunk, rows, sum(int(x.shape[1]) for x in levels) * CAPTION_TOKENS)
 
     def explain(rows):
         return part.explain_captions(levels, rows, options.rerank_dtype)

@@ -94,7 +94,9 @@ class Settings(BaseSettings):
     split_rerank: bool = Field(
         True,
         description="While fewer searches run than `HAT_WORKERS`, a query's re-rank splits its candidates over the "
-        "idle workers (helper threads; the same scores). `false`: each re-rank runs on its own worker only.",
+        "idle workers (helper threads; the same scores) when each part keeps at least 200,000 query-candidate token "
+        "pairs (100 HAT-base candidates split, 100 demo ones do not). `false`: each re-rank runs on its own worker "
+        "only.",
     )
     max_batch: int = Field(
         8,

@@ -20,16 +20,20 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-# Fewer candidates than this per chunk are not split: a chunk's fixed costs (rotating the query, lookup tables)
-# would outweigh the share of the scoring it moves. A judgement, not tuned: measured only at 100 candidates.
-MIN_CHUNK = 16
+# A chunk must hold at least this many token pairs (a query token scored against a candidate's token, all levels),
+# or the re-rank is not split: a chunk's fixed costs (handing it to a thread, rotating the query, its lookup tables)
+# outweigh the scoring it moves. Measured over HTTP on AMD EPYC (docs/benchmarks.md, "Idle workers' cores by
+# size"): 100 demo candidates (84 tokens each, ~17-token queries: ~143 K pairs) re-ranked in 7.0-8.8 ms alone and
+# 8.5-11.3 ms split in two; 100 HAT-base candidates (1,029 tokens: ~1.75 M pairs) in ~60 ms alone, ~45 split.
+# The bound sits where a half-chunk's work (~34 ns a pair on one core) clearly exceeds those ~3 ms of fixed costs.
+MIN_CHUNK_PAIRS = 200_000
 
 
 class IdleWorkers:
     """How many of ``workers`` search workers are idle, and threads to lend their cores to a running search."""
 
-    def __init__(self, workers: int) -> None:
-        self.workers = workers
+    def __init__(self, workers: int, min_pairs: int = MIN_CHUNK_PAIRS) -> None:
+        self.workers, self.min_pairs = workers, min_pairs
         self.running = 0
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(workers - 1, thread_name_prefix="hat-rerank") if workers > 1 else None
@@ -49,10 +53,12 @@ class IdleWorkers:
         """Workers no search holds now."""
         return max(0, self.workers - self.running)
 
-    def split(self, score: Callable[[np.ndarray], torch.Tensor], rows: np.ndarray) -> torch.Tensor:
+    def split(self, score: Callable[[np.ndarray], torch.Tensor], rows: np.ndarray, pairs_per_row: int = 1
+              ) -> torch.Tensor:
         """``score(rows)`` (scores along the first axis, one per row), computed in chunks: one here and one on a
-        helper thread per idle worker; the same scores in the same order."""
-        parts = 1 + min(self.idle(), self.workers - 1, len(rows) // MIN_CHUNK - 1)
+        helper thread per idle worker, each chunk at least ``min_pairs`` token pairs (``pairs_per_row`` a row);
+        the same scores in the same order."""
+        parts = 1 + min(self.idle(), self.workers - 1, len(rows) * pairs_per_row // self.min_pairs - 1)
         if parts <= 1:
             return score(rows)
         chunks = np.array_split(np.asarray(rows), parts)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,11 +14,11 @@ from index_format import open_index
 from service import search
 from service.search import SearchOptions, SearchParams
 from service.settings import Settings
-from service.sharing import MIN_CHUNK, IdleWorkers
+from service.sharing import MIN_CHUNK_PAIRS, IdleWorkers
 
 
 def test_split_follows_the_idle_workers_and_keeps_the_order():
-    helpers = IdleWorkers(3)
+    helpers = IdleWorkers(3, min_pairs=16)
     rows = np.arange(100)
     seen: list[tuple[str, int]] = []
 
@@ -38,13 +39,37 @@ def test_split_follows_the_idle_workers_and_keeps_the_order():
         helpers.split(score, rows)
     assert seen == [(threading.current_thread().name, 100)]
     seen.clear()
-    helpers.split(score, np.arange(MIN_CHUNK + 1))  # too few candidates to split
+    helpers.split(score, np.arange(17))  # too little work to split: 17 pairs, 16 a chunk at least
     assert len(seen) == 1
+    seen.clear()
+    helpers.split(score, np.arange(17), pairs_per_row=2)  # 34 pairs: two chunks
+    assert len(seen) == 2
+    helpers.close()
+
+
+def test_split_needs_enough_work_per_chunk():
+    """The default bound: 100 demo-sized candidates (84 tokens x a 17-token query) stay whole, 100 HAT-base-sized
+    ones (1,029 tokens) split in two; enough demo candidates split too."""
+    helpers = IdleWorkers(2)
+    sizes: list[int] = []
+
+    def score(chunk):
+        sizes.append(len(chunk))
+        return torch.zeros(len(chunk))
+
+    helpers.split(score, np.arange(100), 84 * 17)
+    assert sizes == [100] and 2 * MIN_CHUNK_PAIRS > 100 * 84 * 17
+    sizes.clear()
+    helpers.split(score, np.arange(100), 1029 * 17)
+    assert sorted(sizes) == [50, 50]
+    sizes.clear()
+    helpers.split(score, np.arange(400), 84 * 17)
+    assert sorted(sizes) == [200, 200]
     helpers.close()
 
 
 def test_a_failing_chunk_fails_the_split():
-    helpers = IdleWorkers(2)
+    helpers = IdleWorkers(2, min_pairs=16)
 
     def score(chunk):
         if chunk[0] > 0:
@@ -68,16 +93,16 @@ def state(index_root: Path):
 def test_searches_split_over_idle_workers_equal_the_searches_alone(demo_model, state, world):
     """Text and image searches (explained too) with the candidates split over idle workers: the same hits,
     scores and explanations as each re-rank alone."""
-    helpers = IdleWorkers(2)
+    helpers = IdleWorkers(2, min_pairs=1)  # the demo's re-ranks are too small to split by default: split them all
     alone = SearchOptions.from_settings(Settings(split_rerank=False), helpers)
     shared = SearchOptions.from_settings(Settings(), helpers)
     assert alone.helpers is None and shared.helpers is helpers
     calls = []
     real = helpers.split
 
-    def counting(score, rows):
-        calls.append(len(rows))
-        return real(score, rows)
+    def counting(score, rows, pairs_per_row):
+        calls.append((len(rows), pairs_per_row))
+        return real(score, rows, pairs_per_row)
 
     helpers.split = counting
     params = SearchParams(k=10, candidates=40)
@@ -92,7 +117,13 @@ def test_searches_split_over_idle_workers_equal_the_searches_alone(demo_model, s
     got = search.search_texts(demo_model, state, queries, shared) + search.search_images(
         demo_model, state, uploads, shared
     )
-    assert calls and all(n == 40 for n in calls)
+    assert calls and all(n == 40 for n, _ in calls)
+    # the work each split was told of: a text query's tokens x an image's 84 (64 + 16 + 4), an image query's 84
+    # tokens x a nominal caption's 16
+    assert search.image_tokens(state.index) == 84
+    pairs = [p for _, p in calls]
+    assert len(pairs) == 9 and all(p % 84 == 0 for p in pairs)
+    assert pairs[7:] == [84 * search.CAPTION_TOKENS] * 2 and all(3 <= p // 84 <= 64 for p in pairs[:7]), pairs
     for g, w in zip(got, want, strict=True):
         assert [r["id"] for r in g["results"]] == [r["id"] for r in w["results"]]
         np.testing.assert_allclose([r["score"] for r in g["results"]], [r["score"] for r in w["results"]], atol=1e-6)
@@ -102,3 +133,12 @@ def test_searches_split_over_idle_workers_equal_the_searches_alone(demo_model, s
             if a.get("explain"):
                 assert a["explain"]["levels"][0]["score"] == pytest.approx(b["explain"]["levels"][0]["score"], abs=1e-6)
     helpers.close()
+
+
+def test_image_tokens_from_the_manifest_or_the_tables(state):
+    """An index whose manifest predates ``image_tokens`` gets the count from its first segment's tables."""
+
+    older = SimpleNamespace(segments=state.index.segments, manifest={
+        "model": {k: v for k, v in state.index.manifest["model"].items() if k != "image_tokens"}})
+    assert "image_tokens" in state.index.manifest["model"]
+    assert search.image_tokens(state.index) == search.image_tokens(older) == 84
