@@ -191,10 +191,11 @@ def _time_rerank(label: str, tables, text_levels, lengths, args) -> None:
     from service.sharing import IdleWorkers
 
     helpers = IdleWorkers(2)  # as python -m service with 2 workers, one searching: its re-rank split in two
+    pairs = sum(t.parts["norms"].shape[1] for t in tables) * n  # token pairs a candidate, as the service counts them
 
     def split(dtype):  # "from codes" with the candidates split over an idle search worker (service/sharing.py)
         with helpers.search():
-            return helpers.split(lambda chunk: codes(dtype, chunk), rows)
+            return helpers.split(lambda chunk: codes(dtype, chunk), rows, pairs)
 
     for threads in args.threads:
         torch.set_num_threads(threads)

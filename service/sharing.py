@@ -53,7 +53,7 @@ class IdleWorkers:
         """Workers no search holds now."""
         return max(0, self.workers - self.running)
 
-    def split(self, score: Callable[[np.ndarray], torch.Tensor], rows: np.ndarray, pairs_per_row: int = 1
+    def split(self, score: Callable[[np.ndarray], torch.Tensor], rows: np.ndarray, pairs_per_row: int
               ) -> torch.Tensor:
         """``score(rows)`` (scores along the first axis, one per row), computed in chunks: one here and one on a
         helper thread per idle worker, each chunk at least ``min_pairs`` token pairs (``pairs_per_row`` a row);

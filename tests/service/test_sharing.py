@@ -26,20 +26,20 @@ def test_split_follows_the_idle_workers_and_keeps_the_order():
         seen.append((threading.current_thread().name, len(chunk)))
         return torch.from_numpy(chunk.astype(np.float32) * 2)
 
-    assert torch.equal(helpers.split(score, rows), torch.arange(100, dtype=torch.float32) * 2)
+    assert torch.equal(helpers.split(score, rows, 1), torch.arange(100, dtype=torch.float32) * 2)
     assert len(seen) == 3 and sum(n for _, n in seen) == 100  # nothing running: 3 idle, but 2 helper threads: 3 chunks
     assert any(name.startswith("hat-rerank") for name, _ in seen)
     seen.clear()
     with helpers.search(), helpers.search():  # two of three workers busy: one idle, two chunks
         assert helpers.idle() == 1
-        helpers.split(score, rows)
+        helpers.split(score, rows, 1)
     assert len(seen) == 2
     seen.clear()
     with helpers.search(), helpers.search(), helpers.search():  # all busy: no split
-        helpers.split(score, rows)
+        helpers.split(score, rows, 1)
     assert seen == [(threading.current_thread().name, 100)]
     seen.clear()
-    helpers.split(score, np.arange(17))  # too little work to split: 17 pairs, 16 a chunk at least
+    helpers.split(score, np.arange(17), 1)  # too little work to split: 17 pairs, 16 a chunk at least
     assert len(seen) == 1
     seen.clear()
     helpers.split(score, np.arange(17), pairs_per_row=2)  # 34 pairs: two chunks
@@ -77,7 +77,7 @@ def test_a_failing_chunk_fails_the_split():
         return torch.zeros(len(chunk))
 
     with pytest.raises(ValueError, match="chunk failed"):
-        helpers.split(score, np.arange(64))
+        helpers.split(score, np.arange(64), 1)
     helpers.close()
 
 
