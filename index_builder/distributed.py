@@ -55,6 +55,67 @@ def connect(address: str) -> bool:
     return True
 
 
+# Ray Data's helper actors (Ray 2.60): named, detached, restarted forever, and pinned to the node of the driver
+# that first created them. The next driver fetches them by name. When the first driver's node has left the
+# cluster (a finished `ray-build` container), every later build fails with ActorUnschedulableError.
+# tests/index_builder/test_distributed.py checks that this list covers what Ray Data creates.
+RAY_DATA_HELPERS = (
+    ("ActorLocationTracker", "ActorLocationTracker"),
+    ("AutoscalingRequester", "AutoscalingRequester"),
+    ("AutoscalingCoordinator", "AutoscalingCoordinator"),
+    ("DataUsageCollectionActor", "DataUsageCollectionActor"),
+    ("datasets_stats_actor", "_dataset_stats_actor"),
+    ("dataset_stats_summary_actor", "_dataset_stats_summary_actor"),
+)
+STRANDED_PROBE_S = 60.0  # Ray notices a node that vanished (no goodbye) within ~30 s; a live helper answers at once
+
+
+def release_stranded_helpers(timeout: float = STRANDED_PROBE_S) -> list[str]:
+    """Kill Ray Data's helper actors that can never run again (pinned to a node that has gone), so that this
+    driver's pipeline creates fresh ones on its own node. Returns the names released.
+
+    Until Ray's health checks notice that a node vanished, a helper pinned to it keeps its name and waits to
+    be restarted there; a pipeline started in that window takes it and fails when Ray gives up on it. So each
+    helper is asked to answer: one Ray reports unschedulable is killed (its name is free for the new one);
+    one that answers, or has not answered after ``timeout`` seconds, is left alone (it may be another
+    running build's)."""
+    import ray
+    from ray.exceptions import ActorUnschedulableError, GetTimeoutError
+
+    present = {(a["name"], a["namespace"]) for a in ray.util.list_named_actors(all_namespaces=True)}
+    probes = {}
+    for name, namespace in RAY_DATA_HELPERS:
+        if (name, namespace) not in present:
+            continue
+        try:
+            actor = ray.get_actor(name, namespace=namespace)
+        except ValueError:  # gone since the listing
+            continue
+        probes[name] = (actor, actor.__ray_ready__.remote())
+    released = []
+    deadline = time.monotonic() + timeout
+    for name, (actor, probe) in probes.items():
+        try:
+            ray.get(probe, timeout=max(0.0, deadline - time.monotonic()))
+        except ActorUnschedulableError:
+            ray.kill(actor, no_restart=True)
+            released.append(name)
+        except GetTimeoutError:
+            logger.warning("Ray Data's helper actor %s did not answer within %g s; left as it is", name, timeout)
+        except Exception as exc:  # died for good meanwhile: its name is free again
+            logger.info("Ray Data's helper actor %s: %s", name, type(exc).__name__)
+    for name in released:  # the name is free once the kill is processed
+        namespace = dict(RAY_DATA_HELPERS)[name]
+        while time.monotonic() < deadline + 10:
+            try:
+                ray.get_actor(name, namespace=namespace)
+            except ValueError:
+                break
+            time.sleep(0.1)
+        logger.warning("released Ray Data's helper actor %s: pinned to a node that has left the cluster", name)
+    return released
+
+
 def _check_reachable(address: str, timeout: float = 5.0) -> None:
     """A given ``HOST:PORT`` (or ``ray://HOST:PORT``) answers a TCP connect within seconds; Ray itself
     retries an unreachable head for a minute before it gives up."""
@@ -152,6 +213,7 @@ def encode_shards(address: str, model_path: str, model, items: list[Item], texts
         import ray
         import ray.data
 
+        release_stranded_helpers()
         shape = pool_shape(opts, ray.cluster_resources())
         logger.info("Ray: %d shards on %d encoder actors (%s, %g CPUs each)", len(todo), shape["actors"],
                     shape["device"], shape["num_cpus"])

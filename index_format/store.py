@@ -542,7 +542,8 @@ class PCADecoder:
         lead = source.shape[1:-1]
         per_row = int(np.prod(lead, dtype=np.int64))
         table = self.lookup_table(narrowed)
-        out = torch.zeros(len(index) * per_row, narrowed.shape[0])
+        # every row is written below when there are bytes; zeros only when the constant part is all there is
+        out = (torch.empty if self.n_bytes else torch.zeros)(len(index) * per_row, narrowed.shape[0])
         if self.n_bytes:
             rows_per_tile = max(1, INDEX_TILE // (per_row * self.n_bytes))
             for start in range(0, len(index), rows_per_tile):

@@ -67,6 +67,19 @@ def main(argv: list[str] | None = None) -> int:
 
     from .deployments import APP_NAME, deploy
 
+    # SIGTERM/SIGINT from here on end the service cleanly, also while Serve is still deploying (a client can see
+    # /readyz answer before deploy() returns). Ray's init installs its own fatal-signal handlers in the
+    # driver, so ours are set again after it.
+    stop = threading.Event()
+
+    def on_signal(*_) -> None:
+        stop.set()
+
+    def catch_signals() -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, on_signal)
+
+    catch_signals()
     started = not ray.is_initialized()
     if started:
         try:
@@ -76,12 +89,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: --ray {args.ray}: cannot connect to a Ray cluster ({type(exc).__name__}: {exc})",
                   file=sys.stderr)  # fmt: skip
             return 2
-    deploy(settings, shards, args.replicas, args.replica_cpus, args.spread, args.proxy)
-    print(f"serving {settings.index_root} ({shards} shard(s) x {args.replicas} replica(s)) on "
-          f"http://{settings.host}:{settings.port}/", flush=True)  # fmt: skip
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+        catch_signals()
+    if not stop.is_set():
+        deploy(settings, shards, args.replicas, args.replica_cpus, args.spread, args.proxy)
+        print(f"serving {settings.index_root} ({shards} shard(s) x {args.replicas} replica(s)) on "
+              f"http://{settings.host}:{settings.port}/", flush=True)  # fmt: skip
     stop.wait()
     serve.delete(APP_NAME)
     serve.shutdown()
