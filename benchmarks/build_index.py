@@ -113,10 +113,11 @@ def bench_fidelity(args) -> None:
 
 
 def bench_base_store(args) -> None:
-    model = base_model()
+    model = base_model() if args.model is None else load_model(args.model)
+    size = model.config.image.image_size
     torch.manual_seed(1)
     with torch.inference_mode():
-        images = [model.encode_images(torch.randn(8, 3, 224, 224)) for _ in range(args.base_images // 8)]
+        images = [model.encode_images(torch.randn(8, 3, size, size)) for _ in range(args.base_images // 8)]
         image_levels = [torch.cat(parts) for parts in zip(*images, strict=True)]
         captions = [f"a {c} {s} next to a {c2} {s2} on a table" for c, s, c2, s2 in
                     zip(["red", "blue", "green", "small", "large"] * 8, ["dog", "cat", "car", "box"] * 10,
@@ -142,7 +143,8 @@ def bench_base_store(args) -> None:
             lengths, image_norms=[t.norms(rows) for t in tables],
         )
         per_image = sum(t.nbytes() for t in tables) / len(tables[0])
-        print(f"{spec_text:8s} HAT-base sizes {per_image:10.0f} B/image ({per_image / 2**20:.3f} MiB)  "
+        sizes = "HAT-base" if args.model is None else args.model
+        print(f"{spec_text:8s} {sizes} sizes {per_image:10.0f} B/image ({per_image / 2**20:.3f} MiB)  "
               f"mean|score err| {float((got - ref).abs().mean()):.2e}  max {float((got - ref).abs().max()):.2e}  "
               f"({len(rows)} images x {len(captions)} captions)", flush=True)
         _time_rerank(spec_text, tables, text_levels, lengths, args)
@@ -240,6 +242,8 @@ def main() -> None:
     parser.add_argument("--candidates", type=int, default=100)
     parser.add_argument("--skip-base", action="store_true")
     parser.add_argument("--rerank-candidates", type=int, default=100, help="base-store: candidates timed")
+    parser.add_argument("--model", help="base-store: this model's sizes instead of HAT-base's (random weights), "
+                        "e.g. models/demo (its images are random pixels too)")
     parser.add_argument("--runs", type=int, default=9, help="base-store: timed re-ranks per cell (median)")
     parser.add_argument("--threads", type=lambda v: [int(x) for x in v.split(",")], default=[1, 2],
                         help="base-store: torch threads, comma-separated (default 1,2)")
