@@ -90,13 +90,15 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)  # fmt: skip
             return 2
         catch_signals()
-    if not stop.is_set():
+    deployed = not stop.is_set()
+    if deployed:
         deploy(settings, shards, args.replicas, args.replica_cpus, args.spread, args.proxy)
         print(f"serving {settings.index_root} ({shards} shard(s) x {args.replicas} replica(s)) on "
               f"http://{settings.host}:{settings.port}/", flush=True)  # fmt: skip
     stop.wait()
-    serve.delete(APP_NAME)
-    serve.shutdown()
+    if deployed:  # stopped during start-up: there is no Serve application (nor instance) to take down
+        serve.delete(APP_NAME)
+        serve.shutdown()
     if started:
         ray.shutdown()
     return 0

@@ -240,3 +240,35 @@ def test_command_line(world, sharded_root, tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# Runs main() with ray.init wrapped: once Ray is up, the handler main() set is put back (Ray installs its own while
+# it starts) and the process sends itself SIGTERM, i.e. a stop that arrives after Ray's start, before deploy().
+_STOPPED_DURING_START_UP = """
+import os, signal, sys
+import ray
+from service.cluster.__main__ import main
+
+real_init = ray.init
+
+def init(*args, **kwargs):
+    ours = signal.getsignal(signal.SIGTERM)
+    started = real_init(*args, **kwargs)
+    signal.signal(signal.SIGTERM, ours)
+    os.kill(os.getpid(), signal.SIGTERM)
+    return started
+
+ray.init = init
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_command_line_stopped_during_start_up(world, sharded_root):
+    """SIGTERM before the application is deployed: nothing is deployed, Ray is shut down, exit status 0 (a
+    supervisor's stop during start-up is a clean stop, not a traceback)."""
+    env = {**os.environ, "HAT_PORT": str(_port()), "HAT_MODEL": str(world["model"])}
+    done = subprocess.run([sys.executable, "-c", _STOPPED_DURING_START_UP, "--index", str(sharded_root), "--ray",
+                           "local"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-3000:]
+    assert "serving " not in done.stdout and "Traceback" not in out, out[-3000:]
