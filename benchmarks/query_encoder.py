@@ -5,6 +5,7 @@
     python benchmarks/query_encoder.py choose              # what the service's start-up choice picks here
     python benchmarks/query_encoder.py int8-study          # why no int8 variant is offered (demo model)
     python benchmarks/query_encoder.py weights             # the encoder's products: weights streamed vs cached
+    python benchmarks/query_encoder.py sessions --mode M   # a 2nd ONNX session's memory (plain, shared, ...)
 
 ``speed``: HAT-base sizes (BERT-base, random weights, seed 0, float16-saved weights as ``prepare-base``
 makes them), one caption per forward as a search encodes it (tokenise, BERT, projections), median / p90 over
@@ -273,6 +274,83 @@ def cmd_weights(args) -> None:
                   f"cache-resident: " + ", ".join(cells), flush=True)
 
 
+def _rss_mib() -> float:
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith("VmRSS")) / 1024
+
+
+def cmd_sessions(args) -> None:
+    """HAT-base's ONNX text encoder: a 1-thread session (the service's) and a second, 2-thread one, each session's
+    resident memory and median time for one 17-token query. ``plain``: two independent sessions (each holds its
+    weights); ``shared``: both take the float32 weights from the same ``OrtValue``s
+    (``SessionOptions.add_initializer``); ``shared-noprepack``: also without ONNX Runtime's pre-packed copies of
+    the weights. Run each mode in its own process (resident memory only grows)."""
+    import onnxruntime as ort
+
+    from model.precision import OnnxTextEncoder
+
+    model = _base_model()
+    made = {}
+    real = ort.InferenceSession
+
+    def keep(data, options, **kwargs):  # the bytes the service's own export gives
+        made["bytes"] = data
+        return real(data, options, **kwargs)
+
+    ort.InferenceSession = keep
+    try:
+        OnnxTextEncoder(model.text_encoder, 1)
+    finally:
+        ort.InferenceSession = real
+    data = made["bytes"]
+    del model
+    before = _rss_mib()
+    shared = {}
+    if args.mode != "plain":
+        import onnx
+        from onnx import numpy_helper
+
+        graph = onnx.load_from_string(data).graph
+        shared = {t.name: ort.OrtValue.ortvalue_from_numpy(numpy_helper.to_array(t).copy()) for t in graph.initializer
+                  if t.data_type == onnx.TensorProto.FLOAT and np.prod(t.dims) >= 1024}  # fmt: skip
+        del graph
+
+    def session(threads: int):
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if args.mode == "shared-noprepack":
+            options.add_session_config_entry("session.disable_prepacking", "1")
+        for name, value in shared.items():
+            options.add_initializer(name, value)
+        return real(data, options, providers=["CPUExecutionProvider"])
+
+    ids = np.random.default_rng(0).integers(1000, 20000, (1, 17))
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+
+    def median_ms(s) -> float:
+        for _ in range(5):
+            s.run(None, feeds)
+        times = []
+        for _ in range(args.runs):
+            start = time.perf_counter()
+            s.run(None, feeds)
+            times.append((time.perf_counter() - start) * 1000.0)
+        return statistics.median(times)
+
+    held = _rss_mib()
+    one = session(1)
+    after_one = _rss_mib()
+    two = session(2)
+    after_two = _rss_mib()
+    same = all(np.array_equal(a, b) for a, b in zip(one.run(None, feeds), two.run(None, feeds), strict=True))
+    print(f"{args.mode}: shared weights +{held - before:.0f} MiB, first session +{after_one - held:.0f} MiB, second "
+          f"+{after_two - after_one:.0f} MiB, in all +{after_two - before:.0f} MiB; "
+          f"1 thread {median_ms(one):.1f} ms, 2 threads {median_ms(two):.1f} ms; identical outputs {same}",
+          flush=True)  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
@@ -297,13 +375,16 @@ def build_parser() -> argparse.ArgumentParser:
     weights.add_argument("--tokens", type=int, default=17, help="query tokens (default 17)")
     weights.add_argument("--runs", type=int, default=15, help="timed passes (default 15)")
     weights.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    sessions = sub.add_parser("sessions", help="HAT-base: memory and speed of a second, 2-thread ONNX session")
+    sessions.add_argument("--mode", choices=("plain", "shared", "shared-noprepack"), default="shared")
+    sessions.add_argument("--runs", type=int, default=30, help="timed queries per session (default 30)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     commands = {"speed": cmd_speed, "fidelity": cmd_fidelity, "choose": cmd_choose, "int8-study": cmd_int8_study,
-                "weights": cmd_weights}
+                "weights": cmd_weights, "sessions": cmd_sessions}
     commands[args.what](args)
     return 0
 
