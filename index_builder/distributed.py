@@ -58,7 +58,7 @@ def connect(address: str) -> bool:
 # Ray Data's helper actors (Ray 2.60): named, detached, restarted forever, and pinned to the node of the driver
 # that first created them. The next driver fetches them by name. When the first driver's node has left the
 # cluster (a finished `ray-build` container), every later build fails with ActorUnschedulableError.
-# tests/index_builder/test_distributed.py checks that this list covers what Ray Data creates.
+# tests/index_builder/test_distributed_stranded.py checks that this list covers what Ray Data creates.
 RAY_DATA_HELPERS = (
     ("ActorLocationTracker", "ActorLocationTracker"),
     ("AutoscalingRequester", "AutoscalingRequester"),
