@@ -248,30 +248,32 @@ def cmd_weights(args) -> None:
     linears = [m for m in model.text_encoder.modules() if isinstance(m, torch.nn.Linear)]
     print(f"HAT-base text encoder: {len(linears)} linear layers, {args.tokens} tokens, {args.threads} thread(s)")
 
-    def median_ms(fn, runs: int) -> float:
-        fn()
-        times = []
-        for _ in range(runs):
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1000.0)
-        return statistics.median(times)
-
     with torch.inference_mode():
         for dtype in (torch.float32, torch.bfloat16):
             weights = [m.weight.detach().to(dtype).contiguous() for m in linears]
             xs = {k: torch.randn(1, args.tokens, k).to(dtype) for k in {w.shape[1] for w in weights}}
-            total = median_ms(lambda ws=weights, xs=xs: [F.linear(xs[w.shape[1]], w) for w in ws], args.runs)
+            total = _median_ms(lambda ws=weights, xs=xs: [F.linear(xs[w.shape[1]], w) for w in ws], args.runs)
             size = sum(w.numel() * w.element_size() for w in weights)
             cells = []
             for shape in sorted({tuple(w.shape) for w in weights}):
                 w = next(w for w in weights if tuple(w.shape) == shape)
                 x = xs[shape[1]]
-                cached = median_ms(lambda w=w, x=x: [F.linear(x, w) for _ in range(20)], args.runs) / 20
+                cached = _median_ms(lambda w=w, x=x: [F.linear(x, w) for _ in range(20)], args.runs) / 20
                 cells.append(f"{shape[1]}x{shape[0]} {cached * 1000:.0f} us")
             print(f"{str(dtype).removeprefix('torch.'):9s} streamed: {total:6.1f} ms for {size / 2**20:.0f} MiB of "
                   f"weights ({total * 1000 / len(weights):.0f} us a product, {size / total / 1e6:.1f} GB/s); "
                   f"cache-resident: " + ", ".join(cells), flush=True)
+
+
+def _median_ms(fn, runs: int) -> float:
+    """Median wall time of ``fn()`` over ``runs`` calls after one warm-up call, in milliseconds."""
+    fn()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1000.0)
+    return statistics.median(times)
 
 
 def _rss_mib() -> float:
@@ -330,14 +332,9 @@ def cmd_sessions(args) -> None:
     feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
 
     def median_ms(s) -> float:
-        for _ in range(5):
+        for _ in range(4):  # warm-up (one more in _median_ms)
             s.run(None, feeds)
-        times = []
-        for _ in range(args.runs):
-            start = time.perf_counter()
-            s.run(None, feeds)
-            times.append((time.perf_counter() - start) * 1000.0)
-        return statistics.median(times)
+        return _median_ms(lambda: s.run(None, feeds), args.runs)
 
     held = _rss_mib()
     one = session(1)

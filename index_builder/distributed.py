@@ -82,30 +82,26 @@ def release_stranded_helpers(timeout: float = STRANDED_PROBE_S) -> list[str]:
     import ray
     from ray.exceptions import ActorUnschedulableError, GetTimeoutError
 
-    present = {(a["name"], a["namespace"]) for a in ray.util.list_named_actors(all_namespaces=True)}
-    probes = {}
+    probes = []
     for name, namespace in RAY_DATA_HELPERS:
-        if (name, namespace) not in present:
-            continue
         try:
             actor = ray.get_actor(name, namespace=namespace)
-        except ValueError:  # gone since the listing
+        except ValueError:  # no such helper (yet)
             continue
-        probes[name] = (actor, actor.__ray_ready__.remote())
+        probes.append((name, namespace, actor, actor.__ray_ready__.remote()))
     released = []
     deadline = time.monotonic() + timeout
-    for name, (actor, probe) in probes.items():
+    for name, namespace, actor, probe in probes:
         try:
             ray.get(probe, timeout=max(0.0, deadline - time.monotonic()))
         except ActorUnschedulableError:
             ray.kill(actor, no_restart=True)
-            released.append(name)
+            released.append((name, namespace))
         except GetTimeoutError:
             logger.warning("Ray Data's helper actor %s did not answer within %g s; left as it is", name, timeout)
         except Exception as exc:  # died for good meanwhile: its name is free again
             logger.info("Ray Data's helper actor %s: %s", name, type(exc).__name__)
-    for name in released:  # the name is free once the kill is processed
-        namespace = dict(RAY_DATA_HELPERS)[name]
+    for name, namespace in released:  # the name is free once the kill is processed
         while time.monotonic() < deadline + 10:
             try:
                 ray.get_actor(name, namespace=namespace)
@@ -113,7 +109,7 @@ def release_stranded_helpers(timeout: float = STRANDED_PROBE_S) -> list[str]:
                 break
             time.sleep(0.1)
         logger.warning("released Ray Data's helper actor %s: pinned to a node that has left the cluster", name)
-    return released
+    return [name for name, _ in released]
 
 
 def _check_reachable(address: str, timeout: float = 5.0) -> None:
