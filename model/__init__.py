@@ -8,7 +8,7 @@ Public API (see README "Python API"):
 * :class:`HATTokenizer`: uncased BERT WordPiece, ``[CLS] ... [SEP]``, at most 32 tokens.
 * :mod:`model.alignment`: ``scan_i2t``, ``scan_t2i``, ``hierarchical_similarity``.
 * :func:`use_text_precision`: the query encoder in float32, bfloat16, int8 or float32 on ONNX Runtime
-  (``auto``: timed at start-up).
+  (``auto``: timed at start-up); :func:`wide_encoding`: forwards on its wide session (more threads) in a block.
 * :class:`CommandParser`: the argument parser of the project's commands (defaults and examples in the help).
 """
 
@@ -19,7 +19,7 @@ from .config import HATConfig, SwinConfig, TextConfig
 from .devices import DeviceError, resolve_device
 from .errors import CheckpointError, HATError, ImageDecodeError, TokenizerError, UnsafeCheckpointError
 from .hat import HATModel
-from .precision import TEXT_PRECISIONS, use_text_precision
+from .precision import TEXT_PRECISIONS, use_text_precision, wide_encoding
 from .preprocess import load_image, load_pixels, preprocess_image
 from .tokenizer import HATTokenizer, TokenBatch
 
@@ -48,4 +48,5 @@ __all__ = [
     "scan_i2t",
     "scan_t2i",
     "use_text_precision",
+    "wide_encoding",
 ]

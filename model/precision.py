@@ -25,12 +25,14 @@ bound is on the relative error of the token features; what it means for rankings
 
 from __future__ import annotations
 
+import contextvars
 import copy
 import logging
 import statistics
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -94,7 +96,7 @@ class OnnxTextEncoder(nn.Module):
         super().__init__()
         import io
 
-        import onnxruntime as ort
+        import onnxruntime  # noqa: F401  (ImportError here when ONNX Runtime is missing, before the export)
 
         example = torch.ones(1, 8, dtype=torch.long)  # any ids: the trace records shapes as dynamic axes
         buffer = io.BytesIO()
@@ -106,21 +108,57 @@ class OnnxTextEncoder(nn.Module):
                 output_names=[f"level{i}" for i in range(len(encoder.layers))],
                 dynamic_axes={"input_ids": {0: "batch", 1: "length"}, "attention_mask": {0: "batch", 1: "length"}},
             )  # fmt: skip
+        self._graph = buffer.getvalue()
+        self.threads = max(1, threads)
+        self.session = self._session(self.threads)
+        self.wide, self.wide_threads = None, 0
+        self.layers = encoder.layers
+
+    def _session(self, threads: int):
+        import onnxruntime as ort
+
         options = ort.SessionOptions()
-        options.intra_op_num_threads = max(1, threads)
+        options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         # No spinning pool threads: the service's other workers and neighbours need the cores between calls.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
-        self.layers = encoder.layers
+        return ort.InferenceSession(self._graph, options, providers=["CPUExecutionProvider"])
+
+    def widen(self, threads: int) -> bool:
+        """Add a second session with ``threads`` intra-op threads, used for forwards inside
+        :func:`wide_encoding` (the service: while its other search workers are idle). It holds its own copy of
+        the weights (ONNX Runtime pre-packs them per session; sharing the initialisers saved only ~130 of
+        ~440 MiB at BERT-base and cost ~3 ms: docs/benchmarks.md). Returns whether a session was added (not
+        when ``threads`` is no more than the narrow session's)."""
+        if threads <= self.threads:
+            return False
+        self.wide, self.wide_threads = self._session(threads), threads
+        return True
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[torch.Tensor]:
         feeds = {
             "input_ids": input_ids.cpu().numpy().astype(np.int64, copy=False),
             "attention_mask": attention_mask.cpu().numpy().astype(np.int64, copy=False),
         }
-        return [torch.from_numpy(out) for out in self.session.run(None, feeds)]
+        session = self.wide if self.wide is not None and _WIDE.get() else self.session
+        return [torch.from_numpy(out) for out in session.run(None, feeds)]
+
+
+# Whether this thread's (this context's) text forwards may use the wide session: see :func:`wide_encoding`.
+_WIDE: contextvars.ContextVar[bool] = contextvars.ContextVar("hat_wide_encoding", default=False)
+
+
+@contextmanager
+def wide_encoding(on: bool = True) -> Iterator[None]:
+    """Within the block, an :class:`OnnxTextEncoder` with a wide session (:meth:`OnnxTextEncoder.widen`) runs
+    its forwards there; other encoders are unaffected. Context-local, so concurrent searches choose each their
+    own."""
+    token = _WIDE.set(on)
+    try:
+        yield
+    finally:
+        _WIDE.reset(token)
 
 
 def _bf16_linears(module: nn.Module) -> nn.Module:
@@ -173,11 +211,13 @@ class PrecisionChoice:
     ms: dict[str, float] = field(default_factory=dict)
     error: dict[str, float] = field(default_factory=dict)
     refused: dict[str, str] = field(default_factory=dict)
+    wide_threads: int = 0  # threads of the chosen encoder's wide session (OnnxTextEncoder.widen); 0: none
 
     def describe(self) -> str:
         parts = [f"{name} {self.ms[name]:.1f} ms (err {self.error.get(name, 0.0):.1e})" for name in self.ms]
         parts += [f"{name} not used ({why})" for name, why in self.refused.items()]
-        return f"text encoder {self.chosen}: " + ", ".join(parts)
+        wide = f"; {self.wide_threads} threads while the other search workers are idle" if self.wide_threads else ""
+        return f"text encoder {self.chosen}: " + ", ".join(parts) + wide
 
 
 def _encode(model, encoder: nn.Module, texts: Sequence[str]) -> list[torch.Tensor]:
@@ -242,12 +282,16 @@ def pick_precision(ms: dict[str, float], error: dict[str, float], margin: float 
     return min(close, key=lambda name: (error.get(name, 0.0), ms[name]))
 
 
-def use_text_precision(model, precision: str = "auto") -> PrecisionChoice:
+def use_text_precision(model, precision: str = "auto", wide_threads: int = 0) -> PrecisionChoice:
     """Set ``model``'s text encoder to ``precision`` (``auto``: :func:`choose_text_precision`), in place.
-    The model's identity (its weights as loaded) is unchanged."""
+    The model's identity (its weights as loaded) is unchanged. ``wide_threads`` > the encoder's threads gives an
+    ONNX Runtime encoder a second session with that many threads for :func:`wide_encoding` blocks (only
+    ``onnx`` has one: torch's thread count is the process's, not a call's)."""
     if precision == "auto":
         encoder, choice = choose_text_precision(model)
     else:
         encoder, choice = text_encoder_in(model, precision), PrecisionChoice(precision)
+    if isinstance(encoder, OnnxTextEncoder) and encoder.widen(wide_threads):
+        choice.wide_threads = wide_threads
     model.text_encoder = encoder
     return choice

@@ -16,7 +16,7 @@ from urllib.parse import quote
 import numpy as np
 import torch
 
-from model import ImageDecodeError, TokenizerError, load_pixels
+from model import ImageDecodeError, TokenizerError, load_pixels, wide_encoding
 
 from .annotate import add_tokens, explanations, filter_errors, is_weak, level_sum
 from .errors import ServiceError
@@ -51,16 +51,24 @@ class SearchOptions:
     rerank_dtype: torch.dtype
     max_image_pixels: int
     helpers: IdleWorkers | None = None  # idle search workers a re-rank may split its candidates over
+    encode_helpers: IdleWorkers | None = None  # idle search workers whose threads a text query's encoding may use
 
     @classmethod
     def from_settings(cls, settings: Settings, helpers: IdleWorkers | None = None) -> SearchOptions:
-        """The options of ``settings`` (``HAT_RERANK_DTYPE``, ``HAT_MAX_IMAGE_PIXELS``); ``helpers`` when
-        ``HAT_SPLIT_RERANK`` is on."""
+        """The options of ``settings`` (``HAT_RERANK_DTYPE``, ``HAT_MAX_IMAGE_PIXELS``); ``helpers`` for the
+        re-rank when ``HAT_SPLIT_RERANK`` is on, for the query encoder when ``HAT_WIDE_ENCODE`` is."""
         return cls(
             rerank_dtype=DTYPES[settings.rerank_dtype],
             max_image_pixels=settings.max_image_pixels,
             helpers=helpers if settings.split_rerank else None,
+            encode_helpers=helpers if settings.wide_encode else None,
         )
+
+    def wide_encode(self) -> bool:
+        """Whether a text batch encoded now may use the idle workers' threads (``model.wide_encoding``): some
+        search worker is idle. Decided once per batch; a search that starts meanwhile shares the cores for the
+        rest of that forward (tens of ms), as it does a split re-rank's."""
+        return self.encode_helpers is not None and self.encode_helpers.idle() > 0
 
     def split(self, score, rows: np.ndarray, pairs_per_row: int) -> torch.Tensor:
         """``score(rows)``, its candidates split over the idle search workers when there are any and the work
@@ -103,7 +111,8 @@ def search_texts(
     index part (the index, or each shard of a sharded one) its own FAISS search and re-rank, merged by score.
     Returns one outcome per query, its result or the ``ServiceError`` it alone failed with. ``encode`` and
     ``first_stage`` in each query's timings are the batch's (shared) stages."""
-    texts = encode_texts(model, [query for query, _ in queries])
+    with wide_encoding(options.wide_encode()):
+        texts = encode_texts(model, [query for query, _ in queries])
     if isinstance(texts, ServiceError):
         return [texts] * len(queries)
     params = [p for _, p in queries]

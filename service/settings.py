@@ -98,6 +98,13 @@ class Settings(BaseSettings):
         "pairs (100 HAT-base candidates split, 100 demo ones do not). `false`: each re-rank runs on its own worker "
         "only.",
     )
+    wide_encode: bool = Field(
+        True,
+        description="While the other search workers are idle, a text query is encoded on their threads too: the "
+        "`onnx` query encoder gets a second ONNX Runtime session with `HAT_THREADS` x `HAT_WORKERS` threads "
+        "(its own copy of the text encoder's weights: ~440 MiB more for BERT-base; measured 43 against 27 ms a "
+        "BERT-base query, docs/benchmarks.md). Other query precisions are unaffected. `false`: no second session.",
+    )
     max_batch: int = Field(
         8,
         ge=1,

@@ -58,18 +58,20 @@ class IndexState:
     users_lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-def adopt_text_precision(model, precision: str) -> str:
-    """Run ``model``'s query encoder in ``precision`` (``HAT_TEXT_PRECISION``; ``auto`` measures, on CPU only);
-    log what was measured and chosen; return the precision in use."""
+def adopt_text_precision(model, precision: str, wide_threads: int = 0) -> str:
+    """Run ``model``'s query encoder in ``precision`` (``HAT_TEXT_PRECISION``; ``auto`` measures, on CPU only),
+    with a wide session of ``wide_threads`` threads where the encoder has one (``HAT_WIDE_ENCODE``); log what was
+    measured and chosen; return the precision in use (``onnx+2`` style when a wide session was added)."""
     from model import use_text_precision
 
     if model.device.type != "cpu":
         return "float32"
     started = time.perf_counter()
-    choice = use_text_precision(model, precision)
-    if precision == "auto":
-        logger.info("%s (measured in %.1f s)", choice.describe(), time.perf_counter() - started)
-    return choice.chosen
+    choice = use_text_precision(model, precision, wide_threads)
+    if precision == "auto" or choice.wide_threads:
+        logger.info("%s (set up in %.1f s)", choice.describe(), time.perf_counter() - started)
+    wide = f" ({choice.wide_threads} threads while the other workers are idle)" if choice.wide_threads else ""
+    return choice.chosen + wide
 
 
 class Engine:
@@ -185,8 +187,17 @@ class Engine:
             device,
             time.perf_counter() - start,
         )
-        self.text_precision = adopt_text_precision(model, self.settings.text_precision)
+        self.text_precision = adopt_text_precision(model, self.settings.text_precision, self.wide_threads())
         return model
+
+    def wide_threads(self) -> int:
+        """Threads a query may encode on while the other search workers are idle: their threads and its own
+        (``HAT_WIDE_ENCODE``); 0 when off or with one worker."""
+        import torch
+
+        if not self.settings.wide_encode or self.settings.workers < 2:
+            return 0
+        return torch.get_num_threads() * self.settings.workers
 
     async def _poll(self) -> None:
         while True:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from model.precision import (
     pick_precision,
     text_encoder_in,
     use_text_precision,
+    wide_encoding,
 )
 
 DEMO = Path(__file__).resolve().parents[2] / "models" / "demo"
@@ -79,6 +81,57 @@ def test_onnx_runs_the_float32_encoder(model):
             for j, n in enumerate(lengths.tolist()):
                 err = (out[j, :n] - ref[j, :n]).norm(dim=-1) / ref[j, :n].norm(dim=-1)
                 assert float(err.max()) < 1e-5, (texts[j], float(err.max()))
+
+
+class _Recording:
+    """An ONNX Runtime session that notes its name in ``calls`` each time it runs (then runs for real)."""
+
+    def __init__(self, session, name: str, calls: list[str]) -> None:
+        self.session, self.name, self.calls = session, name, calls
+
+    def run(self, *args):
+        self.calls.append(self.name)
+        return self.session.run(*args)
+
+
+def test_onnx_wide_session_runs_only_in_wide_encoding_blocks(model):
+    """``widen`` adds a session with more threads; forwards use it inside ``wide_encoding()`` only (not in
+    ``wide_encoding(False)``, not after the block, not in another thread), and it gives the narrow session's
+    features."""
+    encoder = OnnxTextEncoder(model.text_encoder, 1)
+    assert encoder.wide is None and not encoder.widen(1)  # no more threads than the narrow session: nothing added
+    assert encoder.widen(2) and encoder.wide is not None and encoder.wide_threads == 2
+    calls: list[str] = []
+    encoder.session = _Recording(encoder.session, "narrow", calls)
+    encoder.wide = _Recording(encoder.wide, "wide", calls)
+    texts = [*PROBES, "a star"]
+    narrow, lengths = _features(model, encoder, texts)
+    with wide_encoding():
+        wide, _ = _features(model, encoder, texts)
+        elsewhere = threading.Thread(target=_features, args=(model, encoder, ["a star"]))
+        elsewhere.start()
+        elsewhere.join()
+        with wide_encoding(False):
+            _features(model, encoder, ["a star"])
+        _features(model, encoder, ["a star"])
+    _features(model, encoder, ["a star"])
+    assert calls == ["narrow", "wide", "narrow", "narrow", "wide", "narrow"]
+    for a, b in zip(narrow, wide, strict=True):
+        for j, n in enumerate(lengths.tolist()):
+            err = (a[j, :n] - b[j, :n]).norm(dim=-1) / a[j, :n].norm(dim=-1)
+            assert float(err.max()) < 1e-5
+
+
+def test_use_adds_the_wide_session_to_onnx_only(model):
+    more = torch.get_num_threads() + 1
+    onnx = load_model(DEMO)
+    choice = use_text_precision(onnx, "onnx", wide_threads=more)
+    assert choice.wide_threads == more and onnx.text_encoder.wide_threads == more
+    assert f"; {more} threads while the other search workers are idle" in choice.describe()
+    assert use_text_precision(onnx, "onnx").wide_threads == 0 and onnx.text_encoder.wide is None  # not asked
+    plain = load_model(DEMO)
+    assert use_text_precision(plain, "bfloat16", wide_threads=more).wide_threads == 0  # torch: no per-call threads
+    assert "threads while" not in use_text_precision(plain, "float32", wide_threads=more).describe()
 
 
 def test_choice_is_measured_and_within_the_bound(model):

@@ -47,6 +47,21 @@ def test_split_follows_the_idle_workers_and_keeps_the_order():
     helpers.close()
 
 
+def test_wide_encoding_follows_the_idle_workers_and_the_setting():
+    """A text batch may encode on the idle workers' threads while some worker is idle (``HAT_WIDE_ENCODE``, on by
+    default), never with every worker busy or with the setting off."""
+    helpers = IdleWorkers(2)
+    wide = SearchOptions.from_settings(Settings(), helpers)
+    off = SearchOptions.from_settings(Settings(wide_encode=False), helpers)
+    assert wide.wide_encode() and not off.wide_encode()
+    with helpers.search():  # this batch: the other worker is idle
+        assert wide.wide_encode() and not off.wide_encode()
+        with helpers.search():  # both busy
+            assert not wide.wide_encode()
+    assert not SearchOptions.from_settings(Settings()).wide_encode()  # no workers known: never
+    helpers.close()
+
+
 def test_split_needs_enough_work_per_chunk():
     """The default bound: 100 demo-sized candidates (84 tokens x a 17-token query) stay whole, 100 HAT-base-sized
     ones (1,029 tokens) split in two; enough demo candidates split too."""
@@ -132,6 +147,39 @@ def test_searches_split_over_idle_workers_equal_the_searches_alone(demo_model, s
             assert a["strength"] == b["strength"]
             if a.get("explain"):
                 assert a["explain"]["levels"][0]["score"] == pytest.approx(b["explain"]["levels"][0]["score"], abs=1e-6)
+    helpers.close()
+
+
+def test_text_searches_encode_wide_while_a_worker_is_idle(state, world):
+    """``search_texts`` runs the query encoder's wide session while another worker is idle and the narrow one
+    when all are busy, with the same answers."""
+    from model import load_model, use_text_precision
+
+    model = load_model(Path(__file__).resolve().parents[2] / "models" / "demo")
+    assert use_text_precision(model, "onnx", wide_threads=torch.get_num_threads() + 1).wide_threads
+    calls: list[str] = []
+    encoder = model.text_encoder
+
+    class Recording:
+        def __init__(self, session, name):
+            self.session, self.name = session, name
+
+        def run(self, *args):
+            calls.append(self.name)
+            return self.session.run(*args)
+
+    encoder.session, encoder.wide = Recording(encoder.session, "narrow"), Recording(encoder.wide, "wide")
+    helpers = IdleWorkers(2)
+    options = SearchOptions.from_settings(Settings(split_rerank=False), helpers)
+    queries = [(world["items"][i]["captions"][0], SearchParams(k=10, candidates=40)) for i in world["base_ids"][:4]]
+    with helpers.search():
+        wide = search.search_texts(model, state, queries, options)
+        with helpers.search():
+            narrow = search.search_texts(model, state, queries, options)
+    assert calls == ["wide", "narrow"]
+    for a, b in zip(wide, narrow, strict=True):
+        assert [r["id"] for r in a["results"]] == [r["id"] for r in b["results"]]
+        np.testing.assert_allclose([r["score"] for r in a["results"]], [r["score"] for r in b["results"]], atol=1e-5)
     helpers.close()
 
 
