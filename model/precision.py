@@ -52,6 +52,10 @@ MAX_FEATURE_ERROR = 0.008
 # medians of the same service on the same machine measured bfloat16 34.9 ms against onnx 40.4 ms in one start and
 # 44.8 against 31.0 in another (HAT-base, AMD EPYC, 2026-12-03): differences under ~20% are noise here.
 TIE_MARGIN = 0.2
+# The wide session (OnnxTextEncoder.widen) is kept only when it beats the narrow one by more than this share on the
+# probe captions: a small encoder's forwards are too short for a second thread to pay for waking it (and the wide
+# session costs a copy of the weights).
+WIDE_GAIN = 0.1
 PROBES = (
     "a man riding a horse on a beach at sunset",
     "two small red circles left of a large blue square",
@@ -212,11 +216,16 @@ class PrecisionChoice:
     error: dict[str, float] = field(default_factory=dict)
     refused: dict[str, str] = field(default_factory=dict)
     wide_threads: int = 0  # threads of the chosen encoder's wide session (OnnxTextEncoder.widen); 0: none
+    wide_ms: tuple[float, float] | None = None  # narrow and wide medians when a wide session was tried
 
     def describe(self) -> str:
         parts = [f"{name} {self.ms[name]:.1f} ms (err {self.error.get(name, 0.0):.1e})" for name in self.ms]
         parts += [f"{name} not used ({why})" for name, why in self.refused.items()]
-        wide = f"; {self.wide_threads} threads while the other search workers are idle" if self.wide_threads else ""
+        wide = ""
+        if self.wide_ms is not None:
+            timed = f"{self.wide_ms[1]:.1f} against {self.wide_ms[0]:.1f} ms"
+            kept = f"{self.wide_threads} threads while the other search workers are idle"
+            wide = f"; {kept} ({timed})" if self.wide_threads else f"; no wide session (more threads: {timed})"
         return f"text encoder {self.chosen}: " + ", ".join(parts) + wide
 
 
@@ -292,6 +301,29 @@ def use_text_precision(model, precision: str = "auto", wide_threads: int = 0) ->
     else:
         encoder, choice = text_encoder_in(model, precision), PrecisionChoice(precision)
     if isinstance(encoder, OnnxTextEncoder) and encoder.widen(wide_threads):
-        choice.wide_threads = wide_threads
+        choice.wide_ms = keep_wide_if_faster(model, encoder)
+        choice.wide_threads = encoder.wide_threads
     model.text_encoder = encoder
     return choice
+
+
+def keep_wide_if_faster(model, encoder: OnnxTextEncoder, runs: int = 7, gain: float = WIDE_GAIN) -> tuple[float, float]:
+    """Time ``encoder``'s narrow and wide sessions on the probe captions (alternating, ``runs`` each); drop the
+    wide session unless its median is more than ``gain`` faster. Returns (narrow, wide) medians in ms."""
+
+    def once(probe: str) -> float:
+        start = time.perf_counter()
+        _encode(model, encoder, [probe])
+        return (time.perf_counter() - start) * 1000.0
+
+    narrow, wide = [], []
+    with wide_encoding():
+        once(PROBES[0])  # a session's first run sets up its buffers
+    for i in range(runs):
+        narrow.append(once(PROBES[i % len(PROBES)]))
+        with wide_encoding():
+            wide.append(once(PROBES[i % len(PROBES)]))
+    ms = statistics.median(narrow), statistics.median(wide)
+    if ms[1] > ms[0] * (1.0 - gain):
+        encoder.wide, encoder.wide_threads = None, 0
+    return ms

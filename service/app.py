@@ -62,6 +62,7 @@ def create_app(
                 wait_ms=settings.batch_wait_ms,
                 limiter=limiter,
                 on_batch=functools.partial(metrics.batch, kind),
+                on_submit=app.state.engine.idle_workers.count_requests,  # how busy the service is (wide encoding)
             )
             for kind, searches in (("text", "search_texts"), ("image", "search_images"))
         }

@@ -52,6 +52,7 @@ class Batcher:
         wait_ms: float,
         limiter: anyio.CapacityLimiter,
         on_batch: Callable[[int], None] | None = None,
+        on_submit: Callable[[int], None] | None = None,
     ) -> None:
         if max_batch < 1 or wait_ms < 0:
             raise ValueError(f"max_batch must be at least 1 and wait_ms at least 0, got {max_batch}, {wait_ms}")
@@ -60,6 +61,7 @@ class Batcher:
         self.wait_s = wait_ms / 1000.0
         self.limiter = limiter
         self.on_batch = on_batch
+        self.on_submit = on_submit  # called with +1 when an item is submitted and -1 when its submit returns
         self._queue: list[_Pending] = []
         self._arrived = asyncio.Event()
         self._collector: asyncio.Task | None = None
@@ -68,11 +70,17 @@ class Batcher:
     async def submit(self, item: Any) -> tuple[Any, BatchInfo]:
         """Runs ``item`` in the next batch; returns its result and how it was batched, or raises its exception."""
         future = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(item, future, time.perf_counter()))
-        self._arrived.set()
-        if self._collector is None or self._collector.done():
-            self._collector = asyncio.create_task(self._collect())
-        return await future
+        if self.on_submit is not None:
+            self.on_submit(1)
+        try:
+            self._queue.append(_Pending(item, future, time.perf_counter()))
+            self._arrived.set()
+            if self._collector is None or self._collector.done():
+                self._collector = asyncio.create_task(self._collect())
+            return await future
+        finally:
+            if self.on_submit is not None:
+                self.on_submit(-1)
 
     async def _collect(self) -> None:
         """Forms batches while items are queued; each batch runs in its own task, so batches can overlap up to

@@ -64,11 +64,14 @@ class SearchOptions:
             encode_helpers=helpers if settings.wide_encode else None,
         )
 
-    def wide_encode(self) -> bool:
-        """Whether a text batch encoded now may use the idle workers' threads (``model.wide_encoding``): some
-        search worker is idle. Decided once per batch; a search that starts meanwhile shares the cores for the
-        rest of that forward (tens of ms), as it does a split re-rank's."""
-        return self.encode_helpers is not None and self.encode_helpers.idle() > 0
+    def wide_encode(self, batch: int) -> bool:
+        """Whether a text batch of ``batch`` queries encoded now may use the idle workers' threads
+        (``model.wide_encoding``): it is all the service holds and another worker is idle
+        (:meth:`IdleWorkers.quiet`). Decided once per batch; a search that arrives meanwhile shares the cores for
+        the rest of that forward (tens of ms). Under load the requests outnumber the batch, so the wide session
+        does not run: measured at 8 clients, encoding wide whenever a worker was idle cost 12% of the
+        throughput (docs/benchmarks.md)."""
+        return self.encode_helpers is not None and self.encode_helpers.quiet(batch)
 
     def split(self, score, rows: np.ndarray, pairs_per_row: int) -> torch.Tensor:
         """``score(rows)``, its candidates split over the idle search workers when there are any and the work
@@ -111,7 +114,7 @@ def search_texts(
     index part (the index, or each shard of a sharded one) its own FAISS search and re-rank, merged by score.
     Returns one outcome per query, its result or the ``ServiceError`` it alone failed with. ``encode`` and
     ``first_stage`` in each query's timings are the batch's (shared) stages."""
-    with wide_encoding(options.wide_encode()):
+    with wide_encoding(options.wide_encode(len(queries))):
         texts = encode_texts(model, [query for query, _ in queries])
     if isinstance(texts, ServiceError):
         return [texts] * len(queries)

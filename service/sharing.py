@@ -35,6 +35,7 @@ class IdleWorkers:
     def __init__(self, workers: int, min_pairs: int = MIN_CHUNK_PAIRS) -> None:
         self.workers, self.min_pairs = workers, min_pairs
         self.running = 0
+        self.requests = 0  # search requests in the service (submitted to a batcher, not yet answered)
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(workers - 1, thread_name_prefix="hat-rerank") if workers > 1 else None
 
@@ -48,6 +49,17 @@ class IdleWorkers:
         finally:
             with self._lock:
                 self.running -= 1
+
+    def count_requests(self, change: int) -> None:
+        """A batcher's ``on_submit``: ``change`` requests arrived (+1) or were answered (-1)."""
+        with self._lock:
+            self.requests += change
+
+    def quiet(self, batch: int) -> bool:
+        """Whether a batch of ``batch`` requests is all the service holds and another worker is idle: nothing
+        else wants the cores now (a request that arrives later shares them)."""
+        with self._lock:
+            return self.requests <= batch and self.running < self.workers
 
     def idle(self) -> int:
         """Workers no search holds now."""

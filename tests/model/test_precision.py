@@ -16,6 +16,7 @@ from model.precision import (
     TIE_MARGIN,
     OnnxTextEncoder,
     choose_text_precision,
+    keep_wide_if_faster,
     pick_precision,
     text_encoder_in,
     use_text_precision,
@@ -122,13 +123,30 @@ def test_onnx_wide_session_runs_only_in_wide_encoding_blocks(model):
             assert float(err.max()) < 1e-5
 
 
+def test_wide_session_kept_only_when_faster(model):
+    """``keep_wide_if_faster`` times both sessions and drops the wide one unless it gains more than ``gain``."""
+    encoder = OnnxTextEncoder(model.text_encoder, 1)
+    assert encoder.widen(2)
+    narrow, wide = keep_wide_if_faster(model, encoder, runs=3, gain=-1e9)  # any time is fast enough: kept
+    assert narrow > 0 and wide > 0 and encoder.wide is not None and encoder.wide_threads == 2
+    keep_wide_if_faster(model, encoder, runs=3, gain=1.0)  # would have to take no time at all: dropped
+    assert encoder.wide is None and encoder.wide_threads == 0
+    with wide_encoding():  # without a wide session the narrow one answers
+        assert _features(model, encoder, ["a star"])[0][0].shape[0] == 1
+
+
 def test_use_adds_the_wide_session_to_onnx_only(model):
+    """``use_text_precision`` tries a wide session for onnx (kept or dropped by its timing, said either way)."""
     more = torch.get_num_threads() + 1
     onnx = load_model(DEMO)
     choice = use_text_precision(onnx, "onnx", wide_threads=more)
-    assert choice.wide_threads == more and onnx.text_encoder.wide_threads == more
-    assert f"; {more} threads while the other search workers are idle" in choice.describe()
-    assert use_text_precision(onnx, "onnx").wide_threads == 0 and onnx.text_encoder.wide is None  # not asked
+    assert choice.wide_ms is not None and choice.wide_threads in (0, more)
+    assert onnx.text_encoder.wide_threads == choice.wide_threads
+    assert (onnx.text_encoder.wide is not None) == bool(choice.wide_threads)
+    said = (f"; {more} threads while the other search workers are idle (" if choice.wide_threads
+            else "; no wide session (more threads: ")  # fmt: skip
+    assert said in choice.describe() and " against " in choice.describe()
+    assert use_text_precision(onnx, "onnx").wide_ms is None and onnx.text_encoder.wide is None  # not asked
     plain = load_model(DEMO)
     assert use_text_precision(plain, "bfloat16", wide_threads=more).wide_threads == 0  # torch: no per-call threads
     assert "threads while" not in use_text_precision(plain, "float32", wide_threads=more).describe()

@@ -79,6 +79,37 @@ def test_items_arriving_while_every_worker_is_busy_join_the_next_batch():
     assert sizes == [1, 6], sizes
 
 
+def test_the_batcher_counts_the_requests_it_holds():
+    """``on_submit`` sees +1 per submitted item and -1 when its submit returns, failed and cancelled ones too; a
+    batch running sees every request the batcher holds (the service's quiet rule for wide encoding)."""
+    held, seen = [0], []
+
+    def count(change):
+        held[0] += change
+
+    def run(items):
+        seen.append((len(items), held[0]))
+        time.sleep(0.05)
+        return [ValueError("bad") if x == "bad" else x for x in items]
+
+    async def main():
+        batcher = Batcher(run, max_batch=2, wait_ms=0, limiter=anyio.CapacityLimiter(1), on_submit=count)
+        await batcher.submit("alone")
+        outcomes = await asyncio.gather(*(batcher.submit(x) for x in ("a", "bad", "c")), return_exceptions=True)
+        assert isinstance(outcomes[1], ValueError) and held[0] == 0
+        slow = asyncio.ensure_future(batcher.submit("gone"))  # a client that goes away
+        await asyncio.sleep(0.01)
+        assert held[0] == 1
+        slow.cancel()
+        await asyncio.gather(slow, return_exceptions=True)
+        assert held[0] == 0
+
+    _run(main())
+    assert seen[0] == (1, 1)  # a request alone: the batch is all there is
+    assert seen[1][1] == 3 and seen[1][0] < 3  # three waiting, a batch of at most two: not alone
+    assert held[0] == 0
+
+
 def test_a_batcher_refuses_nonsense_bounds():
     with pytest.raises(ValueError, match="max_batch"):
         Batcher(lambda items: items, max_batch=0, wait_ms=1, limiter=anyio.CapacityLimiter(1))

@@ -48,17 +48,22 @@ def test_split_follows_the_idle_workers_and_keeps_the_order():
 
 
 def test_wide_encoding_follows_the_idle_workers_and_the_setting():
-    """A text batch may encode on the idle workers' threads while some worker is idle (``HAT_WIDE_ENCODE``, on by
-    default), never with every worker busy or with the setting off."""
+    """A text batch may encode on the idle workers' threads when it holds every request in the service and some
+    worker is idle (``HAT_WIDE_ENCODE``, on by default); never with other requests waiting, every worker busy or
+    the setting off."""
     helpers = IdleWorkers(2)
     wide = SearchOptions.from_settings(Settings(), helpers)
     off = SearchOptions.from_settings(Settings(wide_encode=False), helpers)
-    assert wide.wide_encode() and not off.wide_encode()
-    with helpers.search():  # this batch: the other worker is idle
-        assert wide.wide_encode() and not off.wide_encode()
-        with helpers.search():  # both busy
-            assert not wide.wide_encode()
-    assert not SearchOptions.from_settings(Settings()).wide_encode()  # no workers known: never
+    helpers.count_requests(1)
+    with helpers.search():  # a batch of the one request there is; the other worker is idle
+        assert wide.wide_encode(1) and not off.wide_encode(1)
+        helpers.count_requests(1)  # another request waits: not quiet
+        assert not wide.wide_encode(1) and wide.wide_encode(2)  # unless the batch holds it too
+        with helpers.search():  # both workers busy
+            assert not wide.wide_encode(2)
+    helpers.count_requests(-2)
+    assert helpers.requests == 0
+    assert not SearchOptions.from_settings(Settings()).wide_encode(1)  # no workers known: never
     helpers.close()
 
 
@@ -153,12 +158,13 @@ def test_searches_split_over_idle_workers_equal_the_searches_alone(demo_model, s
 def test_text_searches_encode_wide_while_a_worker_is_idle(state, world):
     """``search_texts`` runs the query encoder's wide session while another worker is idle and the narrow one
     when all are busy, with the same answers."""
-    from model import load_model, use_text_precision
+    from model import load_model
+    from model.precision import text_encoder_in
 
     model = load_model(Path(__file__).resolve().parents[2] / "models" / "demo")
-    assert use_text_precision(model, "onnx", wide_threads=torch.get_num_threads() + 1).wide_threads
+    encoder = model.text_encoder = text_encoder_in(model, "onnx")
+    assert encoder.widen(encoder.threads + 1)  # kept whatever its speed here (the start-up timing is not tested)
     calls: list[str] = []
-    encoder = model.text_encoder
 
     class Recording:
         def __init__(self, session, name):
