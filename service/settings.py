@@ -100,10 +100,11 @@ class Settings(BaseSettings):
     )
     wide_encode: bool = Field(
         True,
-        description="While the other search workers are idle, a text query is encoded on their threads too: the "
-        "`onnx` query encoder gets a second ONNX Runtime session with `HAT_THREADS` x `HAT_WORKERS` threads "
-        "(its own copy of the text encoder's weights: ~440 MiB more for BERT-base; measured 43 against 27 ms a "
-        "BERT-base query, docs/benchmarks.md). Other query precisions are unaffected. `false`: no second session.",
+        description="A text batch that is every search request the service holds, with another worker idle, is "
+        "encoded on the idle workers' threads too: the `onnx` query encoder gets a second ONNX Runtime session with "
+        "`HAT_THREADS` x `HAT_WORKERS` threads, kept when it times more than 10% faster at start-up (its own copy of "
+        "the text encoder's weights: ~440 MiB more for BERT-base; one client's p50 at HAT-base sizes 91-93 against "
+        "~101 ms, docs/benchmarks.md). Other query precisions are unaffected. `false`: no second session.",
     )
     max_batch: int = Field(
         8,
