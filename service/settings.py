@@ -103,8 +103,9 @@ class Settings(BaseSettings):
         description="A text batch that is every search request the service holds, with another worker idle, is "
         "encoded on the idle workers' threads too: the `onnx` query encoder gets a second ONNX Runtime session with "
         "`HAT_THREADS` x `HAT_WORKERS` threads, kept when it times more than 10% faster at start-up (its own copy of "
-        "the text encoder's weights: ~440 MiB more for BERT-base; one client's p50 at HAT-base sizes 91-93 against "
-        "~101 ms, docs/benchmarks.md). Other query precisions are unaffected. `false`: no second session.",
+        "the text encoder's weights: ~440 MiB more for BERT-base; one client's p50 at HAT-base sizes 90.7-94.5 "
+        "against 101.5-112.6 ms, docs/benchmarks.md). Other query precisions are unaffected. `false`: no second "
+        "session.",
     )
     max_batch: int = Field(
         8,

@@ -61,14 +61,15 @@ class IndexState:
 def adopt_text_precision(model, precision: str, wide_threads: int = 0) -> str:
     """Run ``model``'s query encoder in ``precision`` (``HAT_TEXT_PRECISION``; ``auto`` measures, on CPU only),
     with a wide session of ``wide_threads`` threads where the encoder has one (``HAT_WIDE_ENCODE``); log what was
-    measured and chosen; return the precision in use (``onnx+2`` style when a wide session was added)."""
+    measured and chosen; return the precision in use (``onnx (2 threads while the other workers are idle)`` when a
+    wide session was kept)."""
     from model import use_text_precision
 
     if model.device.type != "cpu":
         return "float32"
     started = time.perf_counter()
     choice = use_text_precision(model, precision, wide_threads)
-    if precision == "auto" or choice.wide_threads:
+    if precision == "auto" or choice.wide_ms is not None:  # what was timed, and what it decided
         logger.info("%s (set up in %.1f s)", choice.describe(), time.perf_counter() - started)
     wide = f" ({choice.wide_threads} threads while the other workers are idle)" if choice.wide_threads else ""
     return choice.chosen + wide
