@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from session_helpers import RecordingSession
 
 from model import load_model
 from model.precision import (
@@ -84,17 +85,6 @@ def test_onnx_runs_the_float32_encoder(model):
                 assert float(err.max()) < 1e-5, (texts[j], float(err.max()))
 
 
-class _Recording:
-    """An ONNX Runtime session that notes its name in ``calls`` each time it runs (then runs for real)."""
-
-    def __init__(self, session, name: str, calls: list[str]) -> None:
-        self.session, self.name, self.calls = session, name, calls
-
-    def run(self, *args):
-        self.calls.append(self.name)
-        return self.session.run(*args)
-
-
 def test_onnx_wide_session_runs_only_in_wide_encoding_blocks(model):
     """``widen`` adds a session with more threads; forwards use it inside ``wide_encoding()`` only (not in
     ``wide_encoding(False)``, not after the block, not in another thread), and it gives the narrow session's
@@ -103,8 +93,8 @@ def test_onnx_wide_session_runs_only_in_wide_encoding_blocks(model):
     assert encoder.wide is None and not encoder.widen(1)  # no more threads than the narrow session: nothing added
     assert encoder.widen(2) and encoder.wide is not None and encoder.wide_threads == 2
     calls: list[str] = []
-    encoder.session = _Recording(encoder.session, "narrow", calls)
-    encoder.wide = _Recording(encoder.wide, "wide", calls)
+    encoder.session = RecordingSession(encoder.session, "narrow", calls)
+    encoder.wide = RecordingSession(encoder.wide, "wide", calls)
     texts = [*PROBES, "a star"]
     narrow, lengths = _features(model, encoder, texts)
     with wide_encoding():

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from session_helpers import RecordingSession
 
 from index_format import open_index
 from service import search
@@ -165,16 +166,8 @@ def test_text_searches_encode_wide_while_a_worker_is_idle(state, world):
     encoder = model.text_encoder = text_encoder_in(model, "onnx")
     assert encoder.widen(encoder.threads + 1)  # kept whatever its speed here (the start-up timing is not tested)
     calls: list[str] = []
-
-    class Recording:
-        def __init__(self, session, name):
-            self.session, self.name = session, name
-
-        def run(self, *args):
-            calls.append(self.name)
-            return self.session.run(*args)
-
-    encoder.session, encoder.wide = Recording(encoder.session, "narrow"), Recording(encoder.wide, "wide")
+    encoder.session = RecordingSession(encoder.session, "narrow", calls)
+    encoder.wide = RecordingSession(encoder.wide, "wide", calls)
     helpers = IdleWorkers(2)
     options = SearchOptions.from_settings(Settings(split_rerank=False), helpers)
     queries = [(world["items"][i]["captions"][0], SearchParams(k=10, candidates=40)) for i in world["base_ids"][:4]]
