@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import heapq
 import sys
-import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -492,6 +492,38 @@ def _pack(codes: np.ndarray, nbits: int) -> np.ndarray:
     return out
 
 
+class _Scratch:
+    """Scratch buffers of :meth:`PCADecoder.dots`, reused from call to call: a float32 lookup table and an int32
+    lookup-index array whose bytes 1-3 already hold each byte's ``256 * j`` (:meth:`PCADecoder._indices`).
+
+    A new multi-megabyte table per call paid its first-touch page faults every time (level 3 of the demo model:
+    ~0.45 of ~0.6 ms). A call takes a pair and gives it back, so there are as many pairs as calls ever ran at
+    once, not one per thread that ever called (the service's searches run on whichever of anyio's up to 40
+    threads is free, so per-thread buffers would multiply by that count). ``list.append`` and ``list.pop`` are
+    atomic, so concurrent calls never share a pair."""
+
+    def __init__(self, byte_offsets: np.ndarray) -> None:
+        self.byte_offsets = byte_offsets
+        self._free: list[tuple[torch.Tensor, np.ndarray]] = []
+
+    @contextmanager
+    def take(self, table_size: int, tokens: int) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
+        """A pair with at least ``table_size`` floats and ``tokens`` index rows (a free one grown as needed)."""
+        try:
+            table, indices = self._free.pop()
+        except IndexError:
+            table, indices = torch.empty(0), np.empty((0, len(self.byte_offsets)), np.int32)
+        if table.numel() < table_size:
+            table = torch.empty(table_size)
+        if len(indices) < tokens:
+            indices = np.empty((tokens, len(self.byte_offsets)), np.int32)
+            indices[...] = self.byte_offsets
+        try:
+            yield table, indices
+        finally:
+            self._free.append((table, indices))
+
+
 class PCADecoder:
     """Decodes packed codes with one table lookup per byte into rotated-frame features ``[..., D]``.
 
@@ -502,10 +534,12 @@ class PCADecoder:
 
     def __init__(self, book: PCACodebook | PQCodebook) -> None:
         self.groups = []  # (flat table, byte offsets int32, first byte, n_bytes, first dim, components)
+        self._values = []  # per group its table as a tensor [n_bytes, 256, per] (for :meth:`lookup_table`)
         start_byte = start_dim = 0
         for table, n_bytes, count in book.decoder_groups():
             offsets = (np.arange(n_bytes, dtype=np.int32) * 256)[None, :]
             self.groups.append((table, offsets, start_byte, n_bytes, start_dim, count))
+            self._values.append(torch.from_numpy(table).view(n_bytes, 256, table.shape[1]))
             start_byte += n_bytes
             start_dim += count
         self.coded = start_dim
@@ -513,20 +547,32 @@ class PCADecoder:
         self.dim = len(book.mean)
         self.n_bytes = start_byte
         self.byte_offsets = np.arange(start_byte, dtype=np.int32) * 256  # byte j's rows of the lookup table
-        self._buffers = threading.local()  # each thread's lookup-index buffer (:meth:`_indices`)
+        self._scratch = _Scratch(self.byte_offsets)  # :meth:`dots`' lookup tables and lookup indices
 
-    def lookup_table(self, narrowed: torch.Tensor) -> torch.Tensor:
+    def lookup_table(self, narrowed: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """``[B * 256, N]``: row ``256 * j + v`` holds the dot products of byte ``j``'s decoded value ``v`` (its
-        components) with each of the ``N`` vectors ``narrowed [N, C + 1]`` (as :meth:`narrow` gives them)."""
+        components) with each of the ``N`` vectors ``narrowed [N, C + 1]`` (as :meth:`narrow` gives them);
+        written into ``out`` (float32, at least ``B * 256 * N`` elements) when given.
+
+        Each group of bytes writes its rows in place: a batched product per group, or for one-component bytes
+        (most bytes of a level with few tokens) a broadcast multiplication, the same products without the
+        per-byte matrix-product calls (the demo model's three tables: 1.5-2.2x faster, docs/benchmarks.md)."""
         narrowed = narrowed.float()
-        parts = []
-        for table, _, _, n_bytes, dim0, count in self.groups:
-            per = table.shape[1]
-            cols = torch.zeros(n_bytes * per, narrowed.shape[0])
-            cols[:count] = narrowed[:, dim0 : dim0 + count].T
-            values = torch.from_numpy(table).view(n_bytes, 256, per)
-            parts.append(torch.bmm(values, cols.view(n_bytes, per, -1)).reshape(n_bytes * 256, -1))
-        return torch.cat(parts) if parts else torch.zeros(0, narrowed.shape[0])
+        n = narrowed.shape[0]
+        size = self.n_bytes * 256 * n
+        out = torch.empty(size) if out is None else out.view(-1)[:size]
+        out = out.view(self.n_bytes * 256, n)
+        for values, (_, _, first, n_bytes, dim0, count) in zip(self._values, self.groups, strict=True):
+            per = values.shape[2]
+            cols = narrowed[:, dim0 : dim0 + count].T
+            if count < n_bytes * per:  # a last byte with fewer components than its width: zero the rest
+                cols = torch.cat([cols, cols.new_zeros(n_bytes * per - count, n)])
+            rows = out[256 * first : 256 * (first + n_bytes)].view(n_bytes, 256, n)
+            if per == 1:
+                torch.mul(values, cols.reshape(n_bytes, 1, n), out=rows)
+            else:
+                torch.bmm(values, cols.reshape(n_bytes, per, n), out=rows)
+        return out
 
     def dots(self, source: np.ndarray, index, narrowed: torch.Tensor) -> torch.Tensor:
         """Dot products of the decoded tokens of ``source[index]`` (packed codes ``[rows, ..., B]``, e.g. a
@@ -536,32 +582,31 @@ class PCADecoder:
         Each byte adds its row of :meth:`lookup_table` (asymmetric distance computation, as product-quantisation
         search does), summed by ``torch.nn.functional.embedding_bag``: ``B`` lookups of ``N`` floats per token
         instead of writing ``C`` decoded floats and multiplying them by ``N`` vectors. The rows are read a tile
-        at a time straight into the lookup indices (:meth:`_indices`), so memory stays bounded.
+        at a time straight into the lookup indices (:meth:`_indices`), so memory stays bounded. The lookup table
+        and the indices live in scratch buffers reused from call to call (:class:`_Scratch`).
         """
         index = np.asarray(index, dtype=np.int64).reshape(-1)
         lead = source.shape[1:-1]
         per_row = int(np.prod(lead, dtype=np.int64))
-        table = self.lookup_table(narrowed)
         # every row is written below when there are bytes; zeros only when the constant part is all there is
         out = (torch.empty if self.n_bytes else torch.zeros)(len(index) * per_row, narrowed.shape[0])
         if self.n_bytes:
             rows_per_tile = max(1, INDEX_TILE // (per_row * self.n_bytes))
-            for start in range(0, len(index), rows_per_tile):
-                rows = index[start : start + rows_per_tile]
-                codes = np.asarray(source[rows]).reshape(len(rows) * per_row, self.n_bytes)
-                first = start * per_row
-                out[first : first + len(codes)] = F.embedding_bag(self._indices(codes), table, mode="sum")
+            tokens = min(len(index), rows_per_tile) * per_row
+            with self._scratch.take(self.n_bytes * 256 * narrowed.shape[0], tokens) as (table, indices):
+                table = self.lookup_table(narrowed, table)
+                for start in range(0, len(index), rows_per_tile):
+                    rows = index[start : start + rows_per_tile]
+                    codes = np.asarray(source[rows]).reshape(len(rows) * per_row, self.n_bytes)
+                    first = start * per_row
+                    out[first : first + len(codes)] = F.embedding_bag(self._indices(codes, indices), table, mode="sum")
         return out.add_(narrowed[:, self.coded].float()).view(len(index), *lead, narrowed.shape[0])
 
-    def _indices(self, codes: np.ndarray) -> torch.Tensor:
-        """``codes [T, B]`` uint8 -> int32 ``codes + 256 * j`` (byte ``j``'s rows of the lookup table), in this
-        thread's reused buffer. On a little-endian machine the buffer's bytes 1-3 already hold ``256 * j``, so
-        only each index's low byte is written (a strided byte copy: measured 2-3x faster than an int32 add)."""
-        buffer = getattr(self._buffers, "array", None)
-        if buffer is None or len(buffer) < len(codes):
-            buffer = np.empty((max(len(codes), 1), self.n_bytes), np.int32)
-            buffer[...] = self.byte_offsets
-            self._buffers.array = buffer
+    def _indices(self, codes: np.ndarray, buffer: np.ndarray) -> torch.Tensor:
+        """``codes [T, B]`` uint8 -> int32 ``codes + 256 * j`` (byte ``j``'s rows of the lookup table), written into
+        ``buffer`` (a :class:`_Scratch` index buffer of at least ``T`` rows). On a little-endian machine the
+        buffer's bytes 1-3 already hold ``256 * j``, so only each index's low byte is written (a strided byte copy:
+        measured 2-3x faster than an int32 add)."""
         view = buffer[: len(codes)]
         if LITTLE_ENDIAN:
             view.view(np.uint8).reshape(len(codes), self.n_bytes, 4)[:, :, 0] = codes

@@ -99,7 +99,9 @@ def _i2t_no_grad(
     act = F.leaky_relu(sim, LEAKY_SLOPE)
     if not all_valid:
         act.mul_(valid)
-    act.div_(torch.linalg.vector_norm(act, dim=1, keepdim=True).add_(EPS))
+    # ||act[:, :, j, w]|| over the regions as a sum of squares: linalg.vector_norm over this strided middle
+    # dimension measured ~10x slower ([100, 64, 1, 18]: 374 against 35 us), the same values to rounding.
+    act.div_(act.square().sum(dim=1, keepdim=True).sqrt_().add_(EPS))
     attn = _softmax_(act, None if all_valid else valid, 3, lambda_softmax)
     dots = (attn * sim).sum(dim=3)  # [n, R, m]
     gram = (texts @ texts.transpose(1, 2)).float() if text_gram is None else text_gram  # [m, L, L]

@@ -165,7 +165,7 @@ def test_scores_from_codes_equal_the_full_decode(tmp_path, spec):
 
 @pytest.mark.parametrize("tile, little_endian", [(1 << 20, True), (100, True), (100, False)])
 def test_dots_from_codes_read_in_tiles(tmp_path, monkeypatch, tile, little_endian):
-    """``dots`` reads the candidates' codes a tile at a time into each thread's reused index buffer (low byte
+    """``dots`` reads the candidates' codes a tile at a time into a reused index buffer (low byte
     written in place on little-endian machines, an int32 add elsewhere): every tiling gives the decoded
     features' dot products, in the order of the rows asked for (repeated and unsorted rows included), and a
     second call on a smaller request reuses the buffer without stale indices."""
@@ -184,6 +184,53 @@ def test_dots_from_codes_read_in_tiles(tmp_path, monkeypatch, tile, little_endia
         got = t.dots(rows, words)
         assert got.shape == (len(rows), 7, 5)
         np.testing.assert_allclose(got.numpy(), (decoded @ words.T).numpy(), atol=2e-4, rtol=1e-4)
+
+
+def test_dots_scratch_buffers_are_reused_safely(tmp_path):
+    """``dots`` writes each call's lookup table and indices into reused scratch buffers: calls with more, then
+    fewer words (a larger buffer holding stale rows) and concurrent calls from several threads each give the
+    decoded features' dot products, and calls one after another from different threads reuse one pair of
+    buffers (not one per thread). The table mixes one-component bytes (a broadcast product) and wider ones."""
+    import threading
+
+    s = StoreSpec.parse("pq:2")
+    x = _features(30, 7, 48, 5, 3)
+    (book,) = train_codebooks([x.reshape(-1, 48)], [_features(4, 5, 48, 5, 9).reshape(-1, 48)], [7], s.bits, s.kind)
+    write_table(tmp_path, "image.l0", [x], x.shape[1:], s, book)
+    t = Table(tmp_path, "image.l0", s.kind, book)
+    assert {g[0].shape[1] for g in t.decoder.groups} >= {1, 2}  # both kinds of group are exercised
+    rows = np.array([29, 3, 0, 17])
+    decoded = t.book.unrotate(t.decoder(t.parts["pq"][rows]))
+    words = {n: torch.from_numpy(_features(1, n, 48, 5, 20 + n)[0]) for n in (12, 5, 9, 3, 7, 2)}
+
+    def check(n: int) -> None:
+        got = t.dots(rows, words[n])
+        assert got.shape == (4, 7, n)
+        np.testing.assert_allclose(got.numpy(), (decoded @ words[n].T).numpy(), atol=2e-4, rtol=1e-4)
+
+    for n in (12, 5, 9):
+        check(n)
+    for n in (3, 7):  # one after another, each from a new thread
+        thread = threading.Thread(target=check, args=(n,))
+        thread.start()
+        thread.join()
+    assert len(t.decoder._scratch._free) == 1
+    errors = []
+
+    def hammer(n: int) -> None:
+        try:
+            for _ in range(30):
+                check(n)
+        except AssertionError as exc:  # reported below: a thread's failure is not the test's otherwise
+            errors.append(exc)
+
+    threads = [threading.Thread(target=hammer, args=(n,)) for n in (12, 2, 7, 5)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    assert 1 <= len(t.decoder._scratch._free) <= 4
 
 
 def test_pq_codes_are_the_nearest_weighted_centroids():
