@@ -534,12 +534,10 @@ class PCADecoder:
 
     def __init__(self, book: PCACodebook | PQCodebook) -> None:
         self.groups = []  # (flat table, byte offsets int32, first byte, n_bytes, first dim, components)
-        self._values = []  # per group its table as a tensor [n_bytes, 256, per] (for :meth:`lookup_table`)
         start_byte = start_dim = 0
         for table, n_bytes, count in book.decoder_groups():
             offsets = (np.arange(n_bytes, dtype=np.int32) * 256)[None, :]
             self.groups.append((table, offsets, start_byte, n_bytes, start_dim, count))
-            self._values.append(torch.from_numpy(table).view(n_bytes, 256, table.shape[1]))
             start_byte += n_bytes
             start_dim += count
         self.coded = start_dim
@@ -562,8 +560,9 @@ class PCADecoder:
         size = self.n_bytes * 256 * n
         out = torch.empty(size) if out is None else out.view(-1)[:size]
         out = out.view(self.n_bytes * 256, n)
-        for values, (_, _, first, n_bytes, dim0, count) in zip(self._values, self.groups, strict=True):
-            per = values.shape[2]
+        for table, _, first, n_bytes, dim0, count in self.groups:
+            per = table.shape[1]
+            values = torch.from_numpy(table).view(n_bytes, 256, per)
             cols = narrowed[:, dim0 : dim0 + count].T
             if count < n_bytes * per:  # a last byte with fewer components than its width: zero the rest
                 cols = torch.cat([cols, cols.new_zeros(n_bytes * per - count, n)])
@@ -593,8 +592,8 @@ class PCADecoder:
         if self.n_bytes:
             rows_per_tile = max(1, INDEX_TILE // (per_row * self.n_bytes))
             tokens = min(len(index), rows_per_tile) * per_row
-            with self._scratch.take(self.n_bytes * 256 * narrowed.shape[0], tokens) as (table, indices):
-                table = self.lookup_table(narrowed, table)
+            with self._scratch.take(self.n_bytes * 256 * narrowed.shape[0], tokens) as (scratch_table, indices):
+                table = self.lookup_table(narrowed, scratch_table)
                 for start in range(0, len(index), rows_per_tile):
                     rows = index[start : start + rows_per_tile]
                     codes = np.asarray(source[rows]).reshape(len(rows) * per_row, self.n_bytes)
