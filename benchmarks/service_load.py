@@ -5,7 +5,7 @@
     python benchmarks/service_load.py serve --index DIR/index --model models/demo [--port P] [--env HAT_X=V]
         [load options as for run]
     python benchmarks/service_load.py prepare-demo --out DIR [--images 10000]
-    python benchmarks/service_load.py prepare-base --out DIR [--images 10000] [--store pca:2]
+    python benchmarks/service_load.py prepare-base --out DIR [--images 10000] [--store pq:1]
 
 ``run`` drives a running service: ``--clients`` threads, each with one keep-alive httpx connection, send
 ``POST /search/text`` (``{"query", "k", "candidates"}``) and, for ``--image-fraction`` of the requests,
@@ -447,6 +447,7 @@ def cmd_prepare_base(args: argparse.Namespace) -> None:
         write_segment,
         write_version,
     )
+    from index_format import DEFAULT_STORE
 
     started = time.perf_counter()
     model = base_model(args.out / "model")
@@ -457,7 +458,8 @@ def cmd_prepare_base(args: argparse.Namespace) -> None:
           f"level: {[round(c[3], 2) for c in calib]}", flush=True)
     pool = encode_pool(model, texts[: args.caption_pool])
     meta = {**info, "texts": texts[: args.caption_pool], "image_path": str(paths[0].resolve())}
-    root, spec, rng = IndexRoot(args.out / "index"), StoreSpec.parse(args.store), np.random.default_rng(args.seed)
+    spec = StoreSpec.parse(args.store or DEFAULT_STORE)
+    root, rng = IndexRoot(args.out / "index"), np.random.default_rng(args.seed)
     with root.lock():
         staging = root.staging / "synthetic-base"
         shutil.rmtree(staging, ignore_errors=True)
@@ -523,7 +525,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     demo.add_argument("--model", default=str(REPO / "models" / "demo"))
     demo.add_argument("--workers", type=int, default=2)
     base = sub.add_parser("prepare-base", help="HAT-base random model + random-feature gallery index")
-    base.add_argument("--store", default="pca:2")
+    base.add_argument("--store", default=None, help="feature store (default: the builder's, DEFAULT_STORE)")
     base.add_argument("--chunk", type=int, default=500, help="images per shard")
     base.add_argument("--caption-pool", type=int, default=300, help="distinct encoded captions, reused cyclically")
     for p, seed in ((demo, 2), (base, 0)):

@@ -1,7 +1,7 @@
 """Token feature stores: how the re-ranker's per-level features are kept on disk.
 
 A store holds token rows ``[T, D]`` of one level (an image's ``R_l`` regions or a caption's words, items laid
-end to end) in one of three encodings, chosen at build time:
+end to end) in one of four encodings, chosen at build time:
 
 * ``float16``: the features as they are, 2 bytes per value.
 * ``int8``: symmetric 8-bit codes with one float16 scale per token (about 2x smaller).
@@ -12,8 +12,13 @@ end to end) in one of three encodings, chosen at build time:
   score averages fewer token errors). The re-ranker rotates the query into the same axes instead of
   decoding back, so decoding is one table lookup per byte. ``pca:2`` is about 7.5x smaller than float16.
 
-Every store also keeps each token's exact L2 norm (float32, computed before compression): the i2t scorer
-takes it as ``image_norms`` instead of recomputing it. Stores are plain ``.npy`` files, memory-mapped when read.
+* ``pq[:BITS]``: product quantisation in the same axes, whitened by the captions' second moment: each byte codes
+  1 to 16 axes as one of 256 centroids, ``BITS`` per dimension on average (every byte full, the bytes an item's
+  codes take within the budget). The re-rank reads the dot products from the codes without decoding.
+
+Every store also keeps each token's L2 norm, computed before compression (float32; in the coded stores one byte,
+log-spaced over the item's own range, :func:`encode_norms`): the i2t scorer takes it as ``image_norms`` instead of
+recomputing it. Stores are plain ``.npy`` files, memory-mapped when read.
 """
 
 from __future__ import annotations
@@ -33,9 +38,10 @@ STORE_KINDS = ("float16", "int8", "pca", "pq")
 CODED_KINDS = ("pca", "pq")  # stores with codebooks (image tokens only; captions stay float16)
 DEFAULT_BITS = {"pca": 2.0, "pq": 1.0}
 # The store new indexes get: the smallest measured to keep >= 99% of float32's top 10 on the demo test split
-# (99.14%, 153,615 B per HAT-base image, 10.3x under float16) and re-ranked from its codes without decoding
-# (docs/benchmarks.md, "HAT-base at interactive speed"). ``--store float16`` keeps the features as encoded.
-DEFAULT_STORE = "pq:1.5"
+# (99.03% over its 5,000 captions; 99,837 B per HAT-base image, 15.9x under float16) and re-ranked from its codes
+# without decoding (docs/benchmarks.md, "Whole bytes, dealt axes, one-byte norms"). ``pq:1.5`` keeps more margin
+# (99.28%, ~149 kB); ``--store float16`` keeps the features as encoded.
+DEFAULT_STORE = "pq:1"
 KMEANS_ROWS = 16_384  # token rows each pq byte's 256 centroids are fitted on (65,536 measured no better)
 # int32 lookup indices built at a time when scoring from codes (4 MiB per decoder and thread, reused)
 INDEX_TILE = 1 << 20
@@ -282,10 +288,99 @@ def train_codebooks(
     budget = bits * levels[0].shape[1] * sum(tokens)
     if kind == "pq":
         axes = [whitened_axes(x, o) if o is not None else a for x, o, a in zip(levels, others, axes, strict=True)]
-        rates = allocate_bits([a.importance for a in axes], tokens, budget, VECTOR_STEPS)
+        rates = byte_rates([a.importance for a in axes], tokens, budget)
         return [PQCodebook.quantize(a, r, seed=level) for level, (a, r) in enumerate(zip(axes, rates, strict=True))]
     widths = allocate_bits([a.importance for a in axes], tokens, budget)
     return [PCACodebook.quantize(a, w) for a, w in zip(axes, widths, strict=True)]
+
+
+def whole_bytes(rates: np.ndarray) -> np.ndarray:
+    """``rates`` (non-increasing bits per dimension, :data:`VECTOR_STEPS`) with every byte full: a run of ``L``
+    axes at ``r`` bits is coded ``8 / r`` axes a byte, so when ``L`` is no multiple of ``8 / r`` its last byte
+    would cover fewer axes at the price of a whole byte. The axes that follow the run (the next in importance,
+    at a lower rate) join it instead until that byte is full: the same bytes, more axes coded."""
+    rates = np.array(rates, np.float64)
+    d, axis = len(rates), 0
+    while axis < d and rates[axis] > 0:
+        end = axis
+        while end < d and rates[end] == rates[axis]:
+            end += 1
+        per = round(8 / rates[axis])
+        if (end - axis) % per:
+            end = min(d, end + per - (end - axis) % per)
+            rates[axis:end] = rates[axis]
+        axis = end
+    return rates
+
+
+def code_bytes(rates: np.ndarray) -> int:
+    """Bytes a token's ``pq`` code takes with these ``rates`` (a byte per ``8 / r`` axes of each run)."""
+    total, axis, d = 0, 0, len(rates)
+    while axis < d and rates[axis] > 0:
+        end = axis
+        while end < d and rates[end] == rates[axis]:
+            end += 1
+        total += -(-(end - axis) // round(8 / rates[axis]))
+        axis = end
+    return total
+
+
+def byte_rates(importance: Sequence[np.ndarray], tokens: Sequence[float], budget: float) -> list[np.ndarray]:
+    """``pq`` rates per level whose codes take at most ``budget / 8`` bytes an item, every byte full.
+
+    :func:`allocate_bits` counts fractional bytes (a run of 9 axes at 1 bit as 9 bits, though its codes take
+    2 bytes); at one bit per dimension that made the codes ~2% larger than asked at HAT-base sizes and ~6% at demo
+    sizes. Here its allocation is filled to whole bytes (:func:`whole_bytes`) and the water level is searched
+    (bisection) so that the bytes an item's codes really take stay within the budget."""
+    target = budget / 8
+
+    def fitted(bits: float) -> tuple[list[np.ndarray], float]:
+        rates = [whole_bytes(r) for r in allocate_bits(importance, tokens, bits, VECTOR_STEPS)]
+        return rates, sum(code_bytes(r) * t for r, t in zip(rates, tokens, strict=True))
+
+    best, spent = fitted(0.0)
+    low, high = 0.0, budget * 1.25
+    for _ in range(30):
+        middle = (low + high) / 2
+        rates, size = fitted(middle)
+        if size <= target:
+            best, spent, low = rates, size, middle
+        else:
+            high = middle
+        if target - spent < min(tokens):  # no byte of any level is left to buy
+            break
+    return best
+
+
+def deal_axes(rates: np.ndarray, variance: np.ndarray) -> np.ndarray:
+    """An order of the axes for coding: within each run of equal rate, the axes (by decreasing ``variance``) are
+    dealt to the run's bytes in serpentine order (0, 1, ..., n-1, n-1, ..., 0, 0, ...), so that every byte codes a
+    similar spread of variances instead of the first byte the run's largest ones and the last its smallest
+    (balanced subspaces, as optimised product quantisation's eigenvalue allocation does). A byte's 256 centroids
+    then spread over its axes by their variance. Measured on the demo split: 4% lower score error at equal bytes
+    (docs/benchmarks.md, "Whole bytes and dealt axes")."""
+    order, axis, d = [], 0, len(rates)
+    while axis < d:
+        end = axis
+        while end < d and rates[end] == rates[axis]:
+            end += 1
+        if not 0 < rates[axis] < 8:  # uncoded axes, or one axis a byte: nothing to deal
+            order += range(axis, end)
+            axis = end
+            continue
+        per = round(8 / rates[axis])
+        members = sorted(range(axis, end), key=lambda k: -variance[k])
+        sizes = [per] * ((end - axis) // per) + ([(end - axis) % per] if (end - axis) % per else [])
+        groups: list[list[int]] = [[] for _ in sizes]
+        turn = 0
+        while members:
+            for g in range(len(sizes)) if turn % 2 == 0 else reversed(range(len(sizes))):
+                if members and len(groups[g]) < sizes[g]:
+                    groups[g].append(members.pop(0))
+            turn += 1
+        order += [k for g in groups for k in g]
+        axis = end
+    return np.asarray(order, np.int64)
 
 
 @dataclass
@@ -314,6 +409,13 @@ class PQCodebook:
 
     @classmethod
     def quantize(cls, axes: Axes, rates: np.ndarray, seed: int = 0) -> PQCodebook:
+        order = deal_axes(np.asarray(rates), axes.importance)
+        axes = Axes(
+            axes.basis[order], axes.centre, axes.importance[order], axes.sample,
+            None if axes.weight is None else axes.weight[order],
+            None if axes.text_basis is None else axes.text_basis[order],
+        )  # fmt: skip
+        rates = np.asarray(rates)[order]
         z = (axes.sample - axes.centre) @ axes.basis.T  # centred coefficients [T, D]
         fit = z[:: max(1, len(z) // KMEANS_ROWS)].astype(np.float32)
         weight = (axes.weight if axes.weight is not None else np.ones(len(rates))).astype(np.float32)
@@ -670,7 +772,10 @@ def write_table(
     rows = sum(len(p) for p in parts)
     lead = (rows, *tail[:-1])
     d = tail[-1]
-    out = {"norms": _open(directory, name, "norms", np.float32, lead)}
+    # Coded stores keep each norm in one byte (encode_norms); the float16 and int8 stores keep float32 norms.
+    out = {"norms": _open(directory, name, "norms", np.uint8 if spec.coded else np.float32, lead)}
+    if spec.coded:
+        out["normrange"] = _open(directory, name, "normrange", np.float32, (rows, 2))
     if spec.kind == "float16":
         out["f16"] = _open(directory, name, "f16", np.float16, (*lead, d))
     elif spec.kind == "int8":
@@ -684,7 +789,14 @@ def write_table(
         n = len(part)
         flat = np.ascontiguousarray(np.asarray(part, dtype=np.float32).reshape(-1, d))
         inner = part.shape[1:-1]
-        out["norms"][start : start + n] = np.linalg.norm(flat, axis=1).reshape(n, *inner)
+        norms = np.linalg.norm(flat, axis=1).reshape(n, -1)
+        if not np.isfinite(norms).all():
+            raise StoreError(f"table {name}: a token's features are not finite (infinite or NaN norm)")
+        if spec.coded:
+            codes, out["normrange"][start : start + n] = encode_norms(norms)
+            out["norms"][start : start + n] = codes.reshape(n, *inner)
+        else:
+            out["norms"][start : start + n] = norms.reshape(n, *inner)
         if spec.kind == "float16":
             out["f16"][start : start + n] = flat.astype(np.float16).reshape(n, *inner, d)
         elif spec.kind == "int8":
@@ -696,6 +808,41 @@ def write_table(
         start += n
     for array in out.values():
         array.flush()
+
+
+NORM_STEPS = 254  # log-spaced steps between an item's smallest and largest non-zero token norm (codes 1..255)
+
+
+def encode_norms(norms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Token norms ``[n, R]`` (each item's ``R`` tokens of one level) -> one byte each and ``[n, 2]`` float32 ranges.
+
+    Per item the range is the log of its smallest and largest non-zero norm; a norm is coded as one of
+    ``NORM_STEPS + 1`` log-spaced values over it (code 0: exactly zero). The norms of an item's tokens vary little
+    (coefficient of variation 5-12% per level on the demo model), so the relative error is about 0.1% (at most half
+    a step: ``exp(log(max / min) / 508) - 1``), and it enters the i2t score averaged over the item's tokens: far under
+    the codes' own error, for 1 byte a token instead of 4 (3 kB of a HAT-base image's 100). Any item's range fits:
+    nothing is clamped."""
+    norms = np.asarray(norms, np.float64)
+    with np.errstate(divide="ignore"):
+        logs = np.log(norms)
+    positive = norms > 0
+    low = np.where(positive, logs, np.inf).min(axis=1)
+    high = np.where(positive, logs, -np.inf).max(axis=1)
+    low, high = np.where(np.isfinite(low), low, 0.0), np.where(np.isfinite(high), high, 0.0)
+    span = np.maximum(high - low, 1e-30)[:, None]
+    steps = np.rint((np.where(positive, logs, low[:, None]) - low[:, None]) / span * NORM_STEPS)
+    codes = np.where(positive, 1 + np.clip(steps, 0, NORM_STEPS), 0).astype(np.uint8)
+    return codes, np.stack([low, high], axis=1).astype(np.float32)
+
+
+def decode_norms(codes: np.ndarray, ranges: np.ndarray) -> np.ndarray:
+    """:func:`encode_norms`'s bytes ``[k, ...]`` and ranges ``[k, 2]`` -> float32 norms ``[k, ...]``."""
+    codes = np.asarray(codes)
+    ranges = np.asarray(ranges, np.float32)
+    shape = ranges.shape[:-1] + (1,) * (codes.ndim - ranges.ndim + 1)
+    low, high = ranges[..., 0].reshape(shape), ranges[..., 1].reshape(shape)
+    values = np.exp(low + (codes.astype(np.float32) - 1) * ((high - low) / NORM_STEPS))
+    return np.where(codes > 0, values, 0).astype(np.float32)
 
 
 def _open(directory: Path, name: str, part: str, dtype, shape: tuple[int, ...]) -> np.ndarray:
@@ -734,7 +881,16 @@ class Table:
         if kind in CODED_KINDS and book is None:
             raise StoreError(f"table {name}: {kind} store without its codebook")
         self.decoder = PCADecoder(book) if kind in CODED_KINDS else None
-        rows = {p: a.shape[: self.parts["norms"].ndim] for p, a in self.parts.items()}
+        ranges = _path(directory, name, "normrange")
+        if self.parts["norms"].dtype == np.uint8:  # one-byte norms (coded stores since 2026-12-04) and their ranges
+            try:
+                self.parts["normrange"] = np.load(ranges, mmap_mode="r")
+            except (OSError, ValueError) as exc:
+                raise StoreError(f"{ranges}: cannot map the norms' ranges ({exc})") from exc
+            if self.parts["normrange"].shape != (len(self.parts["norms"]), 2):
+                raise StoreError(f"table {name}: norm ranges {self.parts['normrange'].shape} for "
+                                 f"{len(self.parts['norms'])} rows")  # fmt: skip
+        rows = {p: a.shape[: self.parts["norms"].ndim] for p, a in self.parts.items() if p != "normrange"}
         if len(set(rows.values())) != 1:
             raise StoreError(f"table {name}: parts disagree on the number of rows: {rows}")
 
@@ -745,6 +901,9 @@ class Table:
         return sum(a.nbytes for a in self.parts.values())
 
     def norms(self, index) -> torch.Tensor:
+        """The tokens' L2 norms ``[k, ...]`` (float32) of ``x[index]``."""
+        if "normrange" in self.parts:
+            return torch.from_numpy(decode_norms(self.parts["norms"][index], self.parts["normrange"][index]))
         return torch.from_numpy(np.array(self.parts["norms"][index], dtype=np.float32))
 
     def rotate(self, x: torch.Tensor) -> torch.Tensor:

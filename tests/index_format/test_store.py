@@ -6,7 +6,20 @@ import numpy as np
 import pytest
 import torch
 
-from index_format.store import StoreSpec, Table, allocate_bits, train_codebooks, write_table
+from index_format.store import (
+    StoreError,
+    StoreSpec,
+    Table,
+    allocate_bits,
+    byte_rates,
+    code_bytes,
+    deal_axes,
+    decode_norms,
+    encode_norms,
+    train_codebooks,
+    whole_bytes,
+    write_table,
+)
 from model.alignment import hierarchical_similarity
 
 
@@ -32,6 +45,110 @@ def test_allocate_bits_spends_within_budget_and_favours_important_levels():
         assert (np.diff(w) <= 0).all()  # non-increasing along importance
     # The level with fewer tokens (each bit is cheaper, each error weighs more) gets more bits per token.
     assert widths[1].sum() > widths[0].sum()
+
+
+def test_pq_rates_fill_whole_bytes_within_the_budget():
+    """A run of axes whose count is no multiple of its axes a byte would pay a whole byte for a part: the run is
+    extended to fill it, and the water level is searched so that the real bytes stay within the budget."""
+    rates = np.array([8, 8, 4, 4, 4, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0.5, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0])
+    assert code_bytes(rates) == 2 + 2 + 2 + 1  # 9 one-bit axes take two bytes, one 0.5-bit axis a whole byte
+    full = whole_bytes(rates)
+    # the 4-bit run takes a fourth axis (2 full bytes), which leaves 8 one-bit axes (1 byte instead of 2), and
+    # the 0.5-bit run grows to the 16 axes its byte codes
+    assert full.tolist() == [8, 8, 4, 4, 4, 4] + [1] * 8 + [0.5] * 16
+    assert code_bytes(full) == 6 < code_bytes(rates)  # fewer bytes for more coded axes
+    assert (np.diff(full) <= 0).all()
+    rng = np.random.default_rng(0)
+    for d, tokens, bits in ((64, [16.0, 4.0, 1.0], 1.0), (48, [64.0, 16.0, 4.0], 0.7), (32, [9.0, 3.0], 2.0)):
+        importance = [np.sort(rng.gamma(0.5, size=d))[::-1] for _ in tokens]
+        budget = bits * d * sum(tokens)
+        got = byte_rates(importance, tokens, budget)
+        size = sum(code_bytes(r) * t for r, t in zip(got, tokens, strict=True))
+        assert size <= budget / 8  # what the codes really take
+        assert size > 0.93 * budget / 8  # and most of it spent
+        for r in got:
+            assert (np.diff(r) <= 0).all()
+            assert (whole_bytes(r) == r).all()
+
+
+def test_deal_axes_balances_each_runs_bytes():
+    rates = np.array([8.0, 8.0] + [1.0] * 16 + [0.5] * 16 + [0.0] * 4)
+    variance = np.geomspace(10.0, 0.1, len(rates))
+    order = deal_axes(rates, variance)
+    assert sorted(order.tolist()) == list(range(len(rates)))  # a permutation ...
+    assert (rates[order] == rates).all()  # ... within runs of equal rate
+    assert order[:2].tolist() == [0, 1] and order[-4:].tolist() == [34, 35, 36, 37]
+    first, second = order[2:10], order[10:18]  # the two bytes of the 1-bit run
+    assert set(first) | set(second) == set(range(2, 18))
+    # dealt, not cut in order: each byte holds one of the two largest, and their log-variances are close
+    assert {2, 3} & set(first) and {2, 3} & set(second)
+    logs = [np.log(variance[g]).sum() for g in (first, second)]
+    cut = [np.log(variance[2:10]).sum(), np.log(variance[10:18]).sum()]
+    assert abs(logs[0] - logs[1]) < 0.25 * abs(cut[0] - cut[1])
+
+
+def test_pq_codebooks_take_at_most_their_bytes(tmp_path):
+    images = [_features(60, r, 40, 6, seed) for r, seed in ((16, 3), (4, 4), (1, 5))]
+    texts = [_features(10, 9, 40, 6, seed + 10).reshape(-1, 40) for seed in (3, 4, 5)]
+    for bits in (0.75, 1.0, 1.5):
+        books = train_codebooks([x.reshape(-1, 40) for x in images], texts, [16, 4, 1], bits, "pq")
+        size = sum(b.packed_bytes() * t for b, t in zip(books, (16, 4, 1), strict=True))
+        assert bits * 40 * 21 / 8 * 0.9 < size <= bits * 40 * 21 / 8
+        write_table(tmp_path, "l1", [images[0]], images[0].shape[1:], StoreSpec("pq", bits), books[0])
+        table = Table(tmp_path, "l1", "pq", books[0])
+        assert table.nbytes() == 60 * 16 * (books[0].packed_bytes() + 1) + 60 * 2 * 4  # codes, norms, ranges
+
+
+def test_norms_in_one_byte_keep_their_relative_error_small():
+    rng = np.random.default_rng(0)
+    norms = rng.lognormal(mean=rng.normal(0, 3, size=(50, 1)), sigma=0.1, size=(50, 64))  # items far apart in scale
+    norms[3, 5] = 0.0  # an all-zero token
+    norms[7] = 2.5  # an item whose tokens all have one norm
+    norms[9, :3] = [1e-6, 1.0, 1e6]  # an item with a wide range: coarser steps, nothing clamped
+    codes, ranges = encode_norms(norms)
+    assert codes.dtype == np.uint8 and ranges.shape == (50, 2)
+    back = decode_norms(codes, ranges)
+    assert back[3, 5] == 0.0 and (codes[3, 5] == 0) and (codes[np.arange(50) != 3] > 0).all()
+    np.testing.assert_allclose(back[7], 2.5, rtol=1e-6)
+    ordinary = np.ones(50, bool)
+    ordinary[[3, 9]] = False
+    rel = np.abs(back[ordinary] / norms[ordinary] - 1)
+    assert rel.max() < 3e-3  # half a log step of a spread of about e^0.8
+    assert rel.mean() < 1e-3
+    half_step = np.exp(np.log(1e12) / 508) - 1  # 5.6%
+    np.testing.assert_allclose(back[9, :3], [1e-6, 1.0, 1e6], rtol=1e-5)  # the range's ends are exact
+    np.testing.assert_allclose(back[9, 3:], norms[9, 3:], rtol=half_step)
+    # indexing as the tables do: a row, rows, rows of a [T, D] table (one token an item)
+    np.testing.assert_allclose(decode_norms(codes[4], ranges[4]), back[4])
+    flat_codes, flat_ranges = encode_norms(norms[:5].reshape(-1, 1))
+    picked = decode_norms(flat_codes[[0, 70], 0], flat_ranges[[0, 70]])
+    np.testing.assert_allclose(picked, norms[:5].reshape(-1)[[0, 70]], rtol=1e-6)
+
+
+def test_coded_tables_keep_one_byte_norms_and_old_float32_norms_still_read(tmp_path):
+    x = _features(30, 8, 24, 4, 7)
+    books = train_codebooks([x.reshape(-1, 24)], [_features(5, 6, 24, 4, 8).reshape(-1, 24)], [8], 1.0, "pq")
+    write_table(tmp_path, "l1", [x[:10], x[10:]], x.shape[1:], StoreSpec("pq", 1.0), books[0])
+    table = Table(tmp_path, "l1", "pq", books[0])
+    assert table.parts["norms"].dtype == np.uint8
+    want = np.linalg.norm(x[[4, 29, 4]], axis=-1)
+    np.testing.assert_allclose(table.norms([4, 29, 4]).numpy(), want, rtol=3e-3)
+    assert table.norms(np.array([4])).dtype == torch.float32
+    # an index written before one-byte norms: float32 norms and no ranges file
+    np.save(tmp_path / "l1.norms.npy", np.linalg.norm(x, axis=-1).astype(np.float32))
+    (tmp_path / "l1.normrange.npy").unlink()
+    old = Table(tmp_path, "l1", "pq", books[0])
+    np.testing.assert_allclose(old.norms([4, 29, 4]).numpy(), want, rtol=1e-6)
+    # one-byte norms without their ranges: a StoreError naming the file, not a crash at search time
+    write_table(tmp_path, "l2", [x], x.shape[1:], StoreSpec("pq", 1.0), books[0])
+    (tmp_path / "l2.normrange.npy").unlink()
+    with pytest.raises(StoreError, match="normrange"):
+        Table(tmp_path, "l2", "pq", books[0])
+    # the float16 store keeps float32 norms (its features err far less than one-byte norms would)
+    write_table(tmp_path, "f", [x], x.shape[1:], StoreSpec("float16"), None)
+    assert Table(tmp_path, "f", "float16").parts["norms"].dtype == np.float32
+    with pytest.raises(StoreError, match="not finite"):
+        write_table(tmp_path, "bad", [x * np.inf], x.shape[1:], StoreSpec("pq", 1.0), books[0])
 
 
 def _features(n: int, r: int, d: int, rank: int, seed: int) -> np.ndarray:
