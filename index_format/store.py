@@ -38,7 +38,7 @@ STORE_KINDS = ("float16", "int8", "pca", "pq")
 CODED_KINDS = ("pca", "pq")  # stores with codebooks (image tokens only; captions stay float16)
 DEFAULT_BITS = {"pca": 2.0, "pq": 1.0}
 # The store new indexes get: the smallest measured to keep >= 99% of float32's top 10 on the demo test split
-# (99.03% over its 5,000 captions; 99,837 B per HAT-base image, 15.9x under float16) and re-ranked from its codes
+# (99.03% over its 5,000 captions; 99,200 B per HAT-base image, 16.0x under float16) and re-ranked from its codes
 # without decoding (docs/benchmarks.md, "Whole bytes, dealt axes, one-byte norms"). ``pq:1.5`` keeps more margin
 # (99.28%, ~149 kB); ``--store float16`` keeps the features as encoded.
 DEFAULT_STORE = "pq:1"
