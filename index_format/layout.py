@@ -32,7 +32,11 @@ from .errors import BuildError
 logger = logging.getLogger(__name__)
 INDEX_FORMAT = "hat-search-index"
 SEGMENT_FORMAT = "hat-search-segment"
-FORMAT_VERSION = 1
+# 2 (2026-12-04): coded stores keep token norms in one byte with per-item ranges (``<table>.normrange.npy``).
+# Readers read versions 1 and 2; a reader of version 1 alone refuses a version 2 index instead of taking the
+# one-byte codes for norms.
+FORMAT_VERSION = 2
+READ_FORMAT_VERSIONS = (1, 2)
 
 
 def fsync_dir(path: Path) -> None:

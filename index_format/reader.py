@@ -20,7 +20,7 @@ from model.alignment import LevelAttention, level_attention, level_similarities,
 
 from .errors import IndexFormatError
 from .filters import GalleryFilters
-from .layout import FORMAT_VERSION, INDEX_FORMAT, SEGMENT_FORMAT, IndexRoot
+from .layout import INDEX_FORMAT, READ_FORMAT_VERSIONS, SEGMENT_FORMAT, IndexRoot
 from .selection import search_allowed
 from .sharded import ShardedIndex, read_shards, shard_dir
 from .store import CODED_KINDS, StoreError, Table, load_codebook
@@ -44,10 +44,11 @@ class Segment:
             self.info = json.loads((directory / "segment.json").read_text())
         except (OSError, ValueError) as exc:
             raise IndexFormatError(f"segment {directory.name}: cannot read segment.json ({exc})") from exc
-        if self.info.get("format") != SEGMENT_FORMAT or self.info.get("format_version") != FORMAT_VERSION:
+        if self.info.get("format") != SEGMENT_FORMAT or self.info.get("format_version") not in READ_FORMAT_VERSIONS:
             raise IndexFormatError(
                 f"segment {directory.name}: format {self.info.get('format')!r} version "
-                f"{self.info.get('format_version')!r}, this reader needs {SEGMENT_FORMAT!r} {FORMAT_VERSION}"
+                f"{self.info.get('format_version')!r}, this reader needs {SEGMENT_FORMAT!r} "
+                f"{' or '.join(map(str, READ_FORMAT_VERSIONS))}"
             )
         kinds, levels = self.info["store_kinds"], self.info["levels"]
         try:
@@ -385,9 +386,10 @@ def _read_manifest(directory: Path) -> dict:
         raise IndexFormatError(f"{path}: unreadable manifest ({exc})") from exc
     if manifest.get("format") != INDEX_FORMAT:
         raise IndexFormatError(f"{path}: format {manifest.get('format')!r} is not {INDEX_FORMAT!r}")
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format_version") not in READ_FORMAT_VERSIONS:
         raise IndexFormatError(
-            f"{path}: format version {manifest.get('format_version')!r}; this build reads version {FORMAT_VERSION}"
+            f"{path}: format version {manifest.get('format_version')!r}; this build reads versions "
+            f"{', '.join(map(str, READ_FORMAT_VERSIONS))}"
         )
     for key in ("version", "model", "counts", "segments", "faiss"):
         if key not in manifest:

@@ -108,6 +108,34 @@ def test_own_caption_retrieves_its_image(world, tmp_path, demo, store):
         assert own >= 6, f"{own}/8 images have one of their captions in the re-ranked top 5"
 
 
+def test_an_index_of_format_version_1_still_opens_and_ranks_alike(world, tmp_path, demo):
+    """Format 2 keeps a coded store's norms in one byte; an index written before (format 1: float32 norms, no
+    ranges files) opens and searches as before."""
+    root = tmp_path / "idx"
+    build(world / "manifest.jsonl", str(DEMO_MODEL), root, _opts(store="pq:1"))
+    index = open_index(root)
+    assert index.manifest["format_version"] == 2
+    items, _ = read_manifest(world / "manifest.jsonl")
+    queries = [item.captions[0] for item in items[:6]]
+    before = [search_text(index, demo, q, candidates=20) for q in queries]
+    seg = index.segments[0]
+    # rewrite the published index as format 1 wrote it: float32 norms (the decoded ones), no ranges, version 1
+    for level, table in enumerate(seg.image):
+        norms = table.norms(np.arange(len(table))).numpy()
+        (seg.dir / f"image.l{level + 1}.normrange.npy").unlink()
+        np.save(seg.dir / f"image.l{level + 1}.norms.npy", norms.astype(np.float32))
+    info = json.loads((seg.dir / "segment.json").read_text())
+    (seg.dir / "segment.json").write_text(json.dumps({**info, "format_version": 1}))
+    current = IndexRoot(root).current_dir()
+    manifest = json.loads((current / "manifest.json").read_text())
+    (current / "manifest.json").write_text(json.dumps({**manifest, "format_version": 1}))
+    old = open_index(root)
+    assert old.manifest["format_version"] == 1
+    assert old.segments[0].image[0].parts["norms"].dtype == np.float32
+    assert "normrange" not in old.segments[0].image[0].parts
+    assert [search_text(old, demo, q, candidates=20) for q in queries] == before
+
+
 @pytest.mark.parametrize("store", ["pca:2", "pq:1"])
 def test_add_and_remove_round_trip(world, tmp_path, demo, store):
     manifest = world / "manifest.jsonl"
