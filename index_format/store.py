@@ -294,6 +294,14 @@ def train_codebooks(
     return [PCACodebook.quantize(a, w) for a, w in zip(axes, widths, strict=True)]
 
 
+def _run_end(rates: np.ndarray, axis: int) -> int:
+    """End (exclusive) of the run of axes from ``axis`` on that share its rate."""
+    end = axis
+    while end < len(rates) and rates[end] == rates[axis]:
+        end += 1
+    return end
+
+
 def whole_bytes(rates: np.ndarray) -> np.ndarray:
     """``rates`` (non-increasing bits per dimension, :data:`VECTOR_STEPS`) with every byte full: a run of ``L``
     axes at ``r`` bits is coded ``8 / r`` axes a byte, so when ``L`` is no multiple of ``8 / r`` its last byte
@@ -302,9 +310,7 @@ def whole_bytes(rates: np.ndarray) -> np.ndarray:
     rates = np.array(rates, np.float64)
     d, axis = len(rates), 0
     while axis < d and rates[axis] > 0:
-        end = axis
-        while end < d and rates[end] == rates[axis]:
-            end += 1
+        end = _run_end(rates, axis)
         per = round(8 / rates[axis])
         if (end - axis) % per:
             end = min(d, end + per - (end - axis) % per)
@@ -315,11 +321,9 @@ def whole_bytes(rates: np.ndarray) -> np.ndarray:
 
 def code_bytes(rates: np.ndarray) -> int:
     """Bytes a token's ``pq`` code takes with these ``rates`` (a byte per ``8 / r`` axes of each run)."""
-    total, axis, d = 0, 0, len(rates)
-    while axis < d and rates[axis] > 0:
-        end = axis
-        while end < d and rates[end] == rates[axis]:
-            end += 1
+    total, axis = 0, 0
+    while axis < len(rates) and rates[axis] > 0:
+        end = _run_end(rates, axis)
         total += -(-(end - axis) // round(8 / rates[axis]))
         axis = end
     return total
@@ -358,12 +362,10 @@ def deal_axes(rates: np.ndarray, variance: np.ndarray) -> np.ndarray:
     similar spread of variances instead of the first byte the run's largest ones and the last its smallest
     (balanced subspaces, as optimised product quantisation's eigenvalue allocation does). A byte's 256 centroids
     then spread over its axes by their variance. Measured on the demo split: 4-6% lower score error at equal bytes
-    (docs/benchmarks.md, "Whole bytes and dealt axes")."""
-    order, axis, d = [], 0, len(rates)
-    while axis < d:
-        end = axis
-        while end < d and rates[end] == rates[axis]:
-            end += 1
+    (docs/benchmarks.md, "Whole bytes, dealt axes, one-byte norms")."""
+    order, axis = [], 0
+    while axis < len(rates):
+        end = _run_end(rates, axis)
         if not 0 < rates[axis] < 8:  # uncoded axes, or one axis a byte: nothing to deal
             order += range(axis, end)
             axis = end
@@ -424,10 +426,7 @@ class PQCodebook:
         axis = 0
         while axis < len(rates) and rates[axis] > 0:
             per = round(8 / float(rates[axis]))
-            group_end = axis
-            while group_end < len(rates) and rates[group_end] == rates[axis]:
-                group_end += 1
-            count = min(per, group_end - axis)
+            count = min(per, _run_end(rates, axis) - axis)
             w = weight[axis : axis + count]
             if count == 1:  # one axis a byte: the 256-level Lloyd-Max quantiser (k-means in one dimension)
                 centres = _scalar_quantizer(fit[:, axis].astype(np.float64), 8)[1][:, None].astype(np.float32)
