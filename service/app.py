@@ -51,10 +51,8 @@ def create_app(
         settings.resolved_device()  # a CUDA request on a machine without CUDA stops the start-up here
         import torch
 
-        # Default: the cores shared by the concurrent searches (measured: 2 searches x 2 threads on 2 cores
-        # collapse to ~0.8 s a query next to a busy neighbour process, 1 thread each stays at ~25 ms).
-        torch.set_num_threads(settings.threads or max(1, (os.cpu_count() or 1) // settings.workers))
-        app.state.limiter = limiter = anyio.CapacityLimiter(settings.workers)
+        torch.set_num_threads(settings.torch_threads(os.cpu_count()))
+        app.state.limiter = limiter = anyio.CapacityLimiter(settings.search_slots)
         app.state.batchers = {
             kind: Batcher(
                 functools.partial(app.state.engine.run_batch, searches),

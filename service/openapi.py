@@ -27,7 +27,8 @@ ERROR_TEXTS = {
     413: "Body, upload or decoded image larger than the limits.",
     415: "Wrong Content-Type, or an upload that is not a readable image.",
     422: "A field is missing, unknown, of the wrong type or out of range (the message names it).",
-    503: "Not ready: the model or an index is not loaded (the message says why).",
+    503: "Not ready: the model or an index is not loaded (the message says why); or, with `HAT_PROCESSES`, the "
+    "search process computing this request died (`search_process_failed`: try again).",
 }
 IMAGE_FILE_OK = {
     "description": "The gallery image file, as stored.",

@@ -91,6 +91,17 @@ class Settings(BaseSettings):
     workers: int = Field(
         2, ge=1, description="Searches computed at the same time (worker threads); more requests wait their turn."
     )
+    processes: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="Search processes: `0` computes searches in `HAT_WORKERS` threads of the server's process; N > 0 "
+        "in N worker processes instead, one search batch each at a time, each with its own copy of the model and "
+        "`HAT_THREADS` (unset: CPU cores ÷ N) threads; CPU only. Threads of one process wait for each other's "
+        "Python: on 2 cores, 2 processes served 1.5x the requests/s of 2 threads at the demo model's sizes "
+        "(docs/benchmarks.md, Search processes). `HAT_WORKERS`, `HAT_SPLIT_RERANK` and `HAT_WIDE_ENCODE` are "
+        "for threads and unused with processes.",
+    )
     split_rerank: bool = Field(
         True,
         description="While fewer searches run than `HAT_WORKERS`, a query's re-rank splits its candidates over the "
@@ -215,9 +226,22 @@ class Settings(BaseSettings):
             )
         if self.max_k > self.max_candidates:
             raise SettingsError(f"HAT_MAX_K ({self.max_k}) is above HAT_MAX_CANDIDATES ({self.max_candidates})")
+        if self.processes and self.device == "cuda":
+            raise SettingsError("HAT_PROCESSES is for the CPU; with HAT_DEVICE=cuda leave it at 0 (threads)")
         if self.admin_key is not None and not self.admin_key.strip():
             raise SettingsError("admin_key is empty; use None to turn the admin endpoints off")
         return self
+
+    @property
+    def search_slots(self) -> int:
+        """Searches computed at the same time: ``HAT_PROCESSES`` when set, else ``HAT_WORKERS``."""
+        return self.processes or self.workers
+
+    def torch_threads(self, cores: int | None) -> int:
+        """Torch threads of each search thread or process: ``HAT_THREADS``, else the cores shared by the
+        concurrent searches (measured: 2 searches x 2 threads on 2 cores collapse to ~0.8 s a query next to a
+        busy neighbour process, 1 thread each stays at ~25 ms)."""
+        return self.threads or max(1, (cores or 1) // self.search_slots)
 
     @property
     def admin_enabled(self) -> bool:

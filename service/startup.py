@@ -28,8 +28,9 @@ def serving_line(
         _index_text(index, index_error),
         *([f"query encoder {text_precision}"] if text_precision else []),
         f"re-rank {settings.rerank_dtype}",
-        f"{threads} torch thread{'s' if threads != 1 else ''} x {settings.workers} workers, "
-        f"batches of up to {settings.max_batch}",
+        f"{threads} torch thread{'s' if threads != 1 else ''} x "
+        + (f"{settings.processes} search processes, " if settings.processes else f"{settings.workers} workers, ")
+        + f"batches of up to {settings.max_batch}",
     ]
     return "serving: " + "; ".join(parts)
 

@@ -37,6 +37,7 @@ from index_format import (
 from . import search
 from .errors import NotReadyError, ServiceError
 from .metrics import Metrics
+from .processes import SearchProcesses, WorkerConfig
 from .search import SearchOptions
 from .settings import Settings
 from .sharing import IdleWorkers
@@ -53,6 +54,7 @@ class IndexState:
     version: str  # the manifest's version
     key: str  # the name ``current`` points at ("" for an index directory served without a root)
     loaded_at: float
+    directory: Path | None = None  # where it was opened from (what search processes open)
     lock: threading.Lock = field(default_factory=threading.Lock)  # one SQLite connection, shared by threads
     users: list[int] = field(default_factory=lambda: [0])  # requests holding this state
     users_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -86,6 +88,8 @@ class Engine:
         self.model = model
         self.text_precision: str | None = None  # what the query encoder runs in, when this engine loaded it
         self.model_error: str | None = None
+        self.processes: SearchProcesses | None = None  # HAT_PROCESSES > 0: the searches' worker processes
+        self.processes_error: str | None = None
         self.state: IndexState | None = None
         self.index_error: str | None = None
         self.refused: dict[str, str] = {}  # version name -> why it was refused
@@ -101,6 +105,10 @@ class Engine:
             return f"the model failed to load: {self.model_error}"
         if self.model is None:
             return f"loading the model {self.settings.model}"
+        if self.processes_error:
+            return f"the search processes failed to start: {self.processes_error}"
+        if self.settings.processes and self.processes is None:
+            return f"starting {self.settings.processes} search process{'es' if self.settings.processes > 1 else ''}"
         if self.state is not None:
             return None
         if not self.settings.index_root:
@@ -132,7 +140,10 @@ class Engine:
         version)`` or the exception that request failed with."""
         try:
             with self.lease() as (model, state), self.idle_workers.search():
-                outcomes = getattr(search, searches)(model, state, requests, self.search_options)
+                if self.processes is not None:
+                    outcomes = self.processes.run(searches, state.key, state.directory, requests)
+                else:
+                    outcomes = getattr(search, searches)(model, state, requests, self.search_options)
         except NotReadyError as exc:
             return [exc] * len(requests)
         return [o if isinstance(o, Exception) else (o, state.version) for o in outcomes]
@@ -154,6 +165,9 @@ class Engine:
         states = {s for s in (self.state, *self._retiring) if s is not None}
         self.state = None
         self.idle_workers.close()
+        if self.processes is not None:
+            processes, self.processes = self.processes, None
+            await anyio.to_thread.run_sync(processes.close)
         for state in states:
             state.index.close()
 
@@ -164,6 +178,13 @@ class Engine:
             except Exception as exc:  # any failure is reported by /readyz; the process stays up to say so
                 self.model_error = str(exc) or type(exc).__name__
                 logger.error("model %s failed to load: %s", self.settings.model, self.model_error)
+                return
+        if self.settings.processes:
+            try:
+                await anyio.to_thread.run_sync(self._start_processes, abandon_on_cancel=True)
+            except Exception as exc:  # reported by /readyz, as a model that fails to load
+                self.processes_error = str(exc) or type(exc).__name__
+                logger.error("search processes failed to start: %s", self.processes_error)
                 return
         if self.settings.index_root:
             # A failure is logged; /readyz says why, and the poller picks up the next published version.
@@ -191,12 +212,27 @@ class Engine:
         self.text_precision = adopt_text_precision(model, self.settings.text_precision, self.wide_threads())
         return model
 
+    def _start_processes(self) -> None:
+        import torch
+
+        config = WorkerConfig(
+            model=self.settings.model, identity=self.model.identity, text_precision=self.text_precision or "float32",
+            threads=torch.get_num_threads(), rerank_dtype=self.settings.rerank_dtype,
+            max_image_pixels=self.settings.max_image_pixels,
+        )  # fmt: skip
+        start = time.perf_counter()
+        processes = SearchProcesses(config, self.settings.processes)
+        processes.start()
+        self.processes = processes
+        logger.info("%d search processes started in %.1f s (pids %s)", processes.count, time.perf_counter() - start,
+                    ", ".join(map(str, processes.pids)))  # fmt: skip
+
     def wide_threads(self) -> int:
         """Threads a query may encode on while the other search workers are idle: their threads and its own
         (``HAT_WIDE_ENCODE``); 0 when off or with one worker."""
         import torch
 
-        if not self.settings.wide_encode or self.settings.workers < 2:
+        if not self.settings.wide_encode or self.settings.workers < 2 or self.settings.processes:
             return 0
         return torch.get_num_threads() * self.settings.workers
 
@@ -283,7 +319,7 @@ class Engine:
             logger.error("index version %s refused: %s", key or directory, reason)
             raise ServiceError(409, "index_refused", f"index version {key or directory} refused: {reason}") from exc
         self.refused.pop(key, None)
-        return IndexState(index=index, version=str(index.version), key=key, loaded_at=time.time())
+        return IndexState(index=index, version=str(index.version), key=key, loaded_at=time.time(), directory=directory)
 
     async def _retire(self, state: IndexState) -> None:
         """Close a replaced index after the grace period, once no request holds it (at most 10 grace periods)."""

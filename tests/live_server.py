@@ -134,3 +134,17 @@ class ClientThreads:
         self.stop.set()
         for t in self.threads:
             t.join(timeout=self.join_timeout)
+
+
+def publish_while_searching(live: LiveServer, versions: list[str], publish, timeout: float = 30) -> None:
+    """``publish()`` a new index version while clients search ``live`` (appending each answer's index version
+    to ``versions``); return once the server serves another version and six more answers have come back."""
+    first = live.wait_ready()["index_version"]
+    publish()
+    deadline = time.monotonic() + timeout
+    while live.wait_ready()["index_version"] == first:
+        assert time.monotonic() < deadline, "the new version was not picked up"
+        time.sleep(0.05)
+    seen_new = len(versions)
+    while len(versions) < seen_new + 6 and time.monotonic() < deadline:  # keep querying the new one
+        time.sleep(0.05)

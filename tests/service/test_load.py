@@ -74,6 +74,17 @@ def test_sustained_load_has_no_errors(gallery, stress_full, report_figures, tmp_
         assert run["requests"] > 0 and not run["errors"], run
 
 
+def test_search_processes_under_mixed_load_have_no_errors(gallery, stress_full, report_figures, tmp_path):
+    """``python -m service`` with ``HAT_PROCESSES=2`` (worker processes spawned from the real entry point), 8
+    clients, 80% text / 20% image: every request answered."""
+    run = _load(gallery, tmp_path, clients=8, image_fraction=0.2, duration=30 if stress_full else 5,
+                env=["HAT_PROCESSES=2"])  # fmt: skip
+    report_figures({"gallery_images": 1000 if stress_full else 40, "processes": 2, "run": run})
+    assert run["requests"] > 0 and not run["errors"], run
+    log = (tmp_path / "server.log").read_text()
+    assert "2 search processes started" in log and "x 2 search processes" in log, log[-2000:]
+
+
 # A leak grows on; the allocator's arenas grow in the first few hundred requests and then hold (measured over
 # 3,000 requests on the short gallery, twice: RssAnon 658 -> 700 MB and 656 -> 677 MB within the first tenth,
 # then flat within +-10 MB; docs/reliability.md). So the check compares the median of the middle tenth of the
