@@ -5,8 +5,9 @@ interpreter lock costs the service's search threads (why ``HAT_PROCESSES`` exist
         [--model models/demo] [--parallel 2] [--calls 600] [--candidates 100]
 
 Each caller (thread or process) has one torch thread and runs ``--calls`` re-ranks of ``--candidates`` FAISS
-candidates for captions of ``--queries`` (encoded once, beforehand), the same calls the service makes
-(``GalleryIndex.rerank_images``, float32). Prints re-ranks per second for each layout and each caller's median.
+candidates for captions of ``--queries`` (a builder manifest or one query per line; encoded once, beforehand),
+the same calls the service makes (``GalleryIndex.rerank_images``, float32). Prints re-ranks per second for each
+layout and each caller's median.
 """
 
 from __future__ import annotations
@@ -35,8 +36,11 @@ def _setup(args):
     index = open_index(args.index)
     captions = []
     for line in args.queries.read_text().splitlines():
-        item = json.loads(line)
-        captions += item.get("captions") or [item.get("caption") or item.get("query")]
+        if line.lstrip().startswith("{"):  # a builder manifest line
+            item = json.loads(line)
+            captions += item.get("captions") or [item.get("caption") or item.get("query")]
+        elif line.strip():  # one query per line
+            captions.append(line.strip())
         if len(captions) >= 300:
             break
     with torch.inference_mode():

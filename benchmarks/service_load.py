@@ -16,8 +16,8 @@ p50/p90/p99/max in ms and the mean of the server's own ``timings_ms`` per stage.
 out the wait for a search worker (HAT_WORKERS) and HTTP: client latency minus it is mostly queueing. The load
 generator runs on the same machine and takes CPU from the server: its CPU seconds are printed.
 ``serve`` starts ``python -m service`` (HAT_RELOAD_INTERVAL=0), waits for ``/readyz``, runs the load, stops it;
-it also samples the server's resident memory (VmRSS, every 0.25 s) and reports it after the warm-up, at the end,
-its peak and the growth in between.
+it also samples the server's resident memory (VmRSS of its process and any below it, every 0.25 s) and reports
+it after the warm-up, at the end, its peak and the growth in between.
 ``prepare-demo``: a generated world of ``--images`` test images and its index built with the demo model.
 ``prepare-base``: HAT-base sizes (Swin-B + bert-base, D = 768, random weights saved as DIR/model) with a
 gallery index of random image token features (low-rank plus noise, fitted to what the random model produces
@@ -223,7 +223,8 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> None:
 
 
 class RssSampler:
-    """The server process's resident memory (VmRSS), sampled every ``every`` seconds in a thread."""
+    """The server's resident memory (VmRSS), sampled every ``every`` seconds in a thread: its process and every
+    process under it (``HAT_PROCESSES``' search processes), summed."""
 
     def __init__(self, pid: int, every: float = 0.25) -> None:
         self.pid, self.every, self.samples = pid, every, []
@@ -233,9 +234,35 @@ class RssSampler:
     def read(self) -> tuple[float, float]:
         """(VmRSS, RssAnon) in MB: all resident pages, and those not backed by a file. The index's memory-mapped
         features count in VmRSS as queries touch them (the page cache, reclaimable); a leak shows in RssAnon."""
-        with open(f"/proc/{self.pid}/status") as fh:
-            kb = {line.split(":")[0]: int(line.split()[1]) for line in fh if line.startswith(("VmRSS:", "RssAnon:"))}
-        return kb["VmRSS"] / 1024, kb["RssAnon"] / 1024
+        rss = anon = 0.0
+        for n, pid in enumerate(self.tree()):
+            try:
+                with open(f"/proc/{pid}/status") as fh:
+                    kb = {line.split(":")[0]: int(line.split()[1]) for line in fh
+                          if line.startswith(("VmRSS:", "RssAnon:"))}  # fmt: skip
+            except OSError:
+                if n == 0:
+                    raise  # the server itself is gone
+                continue  # a child that just exited
+            rss, anon = rss + kb["VmRSS"] / 1024, anon + kb["RssAnon"] / 1024
+        return rss, anon
+
+    def tree(self) -> list[int]:
+        """The server's pid, then its descendants' (from /proc/PID/task/TID/children)."""
+        pids, i = [self.pid], 0
+        while i < len(pids):
+            try:
+                tasks = os.listdir(f"/proc/{pids[i]}/task")
+            except OSError:
+                tasks = []
+            for tid in tasks:
+                try:
+                    with open(f"/proc/{pids[i]}/task/{tid}/children") as fh:
+                        pids += [int(c) for c in fh.read().split()]
+                except OSError:
+                    continue
+            i += 1
+        return pids
 
     def _loop(self) -> None:
         while not self.stop.is_set():
