@@ -38,6 +38,7 @@ logger = logging.getLogger("service")
 
 OPEN_VERSIONS = 2  # index versions a worker keeps open (the serving one and the one it replaced)
 START_TIMEOUT = 600.0  # seconds for a worker to load the model (HAT-base with the ONNX export: ~30 s here)
+FREE_TIMEOUT = 30.0  # seconds a batch waits for a worker while dead ones are being replaced
 
 
 @dataclass(frozen=True)
@@ -142,7 +143,13 @@ class SearchProcesses:
     def run(self, searches: str, key: str, directory: Path, requests: list[tuple]) -> list[Any]:
         """The outcomes of ``search.<searches>`` for ``requests`` on the index version at ``directory`` (named
         ``key``), computed by a free worker process."""
-        worker = self._free.get()
+        try:  # one is free at once but while a dead one is being replaced (the batchers' limiter counts them)
+            worker = self._free.get(timeout=FREE_TIMEOUT)
+        except queue.Empty:
+            dead = self.count - len(self.pids)
+            error = ServiceError(503, "search_process_failed", f"no search process became free within "
+                                 f"{FREE_TIMEOUT:g} s ({dead} being replaced)")  # fmt: skip
+            return [error] * len(requests)
         try:
             worker.conn.send((searches, key, str(directory), requests))
             outcomes = worker.conn.recv()
@@ -153,6 +160,9 @@ class SearchProcesses:
             error = ServiceError(503, "search_process_failed", f"the search process answering this request died "
                                  f"({why}); it is being replaced, try again")  # fmt: skip
             return [error] * len(requests)
+        except BaseException:  # this batch's message failed to (un)pickle whole; the process itself is fine
+            self._free.put(worker)
+            raise
         self._free.put(worker)
         return outcomes
 
@@ -222,8 +232,12 @@ def serve(conn: Connection, config: WorkerConfig) -> None:
             outcomes = [RuntimeError(f"search process: {type(exc).__name__}: {exc}")] * len(requests)
         try:
             conn.send(outcomes)
-        except (OSError, ValueError):
+        except (OSError, ValueError):  # the server went away
             break
+        except Exception as exc:  # an outcome that does not pickle (a bug): the batch fails, the process lives
+            traceback.print_exc()
+            conn.send([RuntimeError(f"search process: unpicklable outcome: {type(exc).__name__}: {exc}")]
+                      * len(requests))  # fmt: skip
     for state in states.values():
         state.index.close()
 

@@ -117,6 +117,31 @@ def test_a_dead_search_process_fails_only_its_batch_and_is_replaced(servers):
         assert 'hat_http_errors_total{code="search_process_failed",route="/search/text"} 1.0' in c.get("/metrics").text
 
 
+def test_a_batch_waits_a_bounded_time_for_a_free_process(monkeypatch, index_root, demo_model, world):
+    """With every process dead and none coming back, a batch gets a 503 after ``FREE_TIMEOUT``, not a hang."""
+    from service import processes as module
+
+    config = module.WorkerConfig(model=str(world["model"]), identity=demo_model.identity, text_precision="float32",
+                                 threads=1, rerank_dtype="float32", max_image_pixels=1_000_000)  # fmt: skip
+    pool = module.SearchProcesses(config, 1)
+    pool.start()
+    try:
+        monkeypatch.setattr(module, "FREE_TIMEOUT", 0.5)
+        monkeypatch.setattr(pool, "_restart", lambda: None)  # the replacement never comes
+        os.kill(pool.pids[0], signal.SIGKILL)
+        time.sleep(0.2)
+        directory = index_root / "current"
+        request = [(TEXT["query"], None)]
+        died = pool.run("search_texts", "k", directory, request)
+        assert died[0].status == 503 and "died" in died[0].message, died
+        start = time.monotonic()
+        waited = pool.run("search_texts", "k", directory, request)
+        assert waited[0].status == 503 and "no search process became free within 0.5 s" in waited[0].message
+        assert 0.4 < time.monotonic() - start < 10 and pool.pids == []
+    finally:
+        pool.close()
+
+
 def test_a_search_process_that_cannot_start_keeps_the_service_not_ready(start_server, index_root, tmp_path):
     live = start_server(index_root=str(index_root), processes=1, model=str(tmp_path / "no-model"))
     deadline = time.monotonic() + 120
