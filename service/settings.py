@@ -98,9 +98,10 @@ class Settings(BaseSettings):
         description="Search processes: `0` computes searches in `HAT_WORKERS` threads of the server's process; N > 0 "
         "in N worker processes instead, one search batch each at a time, each with its own copy of the model and "
         "`HAT_THREADS` (unset: CPU cores ÷ N) threads; CPU only. Threads of one process wait for each other's "
-        "Python: on 2 cores, 2 processes served 1.5x the requests/s of 2 threads at the demo model's sizes "
-        "(docs/benchmarks.md, Search processes). `HAT_WORKERS`, `HAT_SPLIT_RERANK` and `HAT_WIDE_ENCODE` are "
-        "for threads and unused with processes.",
+        "Python: with the demo model on 2 cores, 2 processes ran 1.5x the re-ranks/s of 2 threads, and served "
+        "+31% requests/s at 32 clients, +2% at 8; a lone query is a little slower, and at HAT-base sizes there "
+        "was no gain (docs/benchmarks.md, Search processes). `HAT_WORKERS`, `HAT_SPLIT_RERANK` and "
+        "`HAT_WIDE_ENCODE` are for threads and unused with processes; `python -m service.cluster` refuses it.",
     )
     split_rerank: bool = Field(
         True,

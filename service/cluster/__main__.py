@@ -58,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
             raise SettingsError("--index (or HAT_INDEX_ROOT) is required")
         if args.replicas < 1:
             raise SettingsError(f"--replicas must be at least 1, got {args.replicas}")
+        if settings.processes:
+            raise SettingsError("HAT_PROCESSES is for python -m service: here the searches run in Ray Serve "
+                                "replicas (--replicas)")  # fmt: skip
         shards = read_shards(settings.index_root) or 1
     except (SettingsError, IndexFormatError) as exc:
         print(f"error: {exc}", file=sys.stderr)

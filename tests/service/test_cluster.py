@@ -223,6 +223,10 @@ def test_command_line(world, sharded_root, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "service.cluster", "--index", str(tmp_path / "none"),
                           "--replicas", "0"], cwd=REPO, capture_output=True, text=True, timeout=60)  # fmt: skip
     assert bad.returncode == 2 and bad.stderr.startswith("error: --replicas must be at least 1")
+    env = {**os.environ, "HAT_PROCESSES": "2"}
+    bad = subprocess.run([sys.executable, "-m", "service.cluster", "--index", str(sharded_root)], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert bad.returncode == 2 and bad.stderr.startswith("error: HAT_PROCESSES is for python -m service"), bad.stderr
     port = _port()
     env = {**os.environ, "HAT_PORT": str(port), "HAT_MODEL": str(world["model"])}
     proc = subprocess.Popen([sys.executable, "-m", "service.cluster", "--index", str(sharded_root), "--ray", "local"],
