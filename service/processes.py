@@ -3,10 +3,10 @@ thread of the server's own process.
 
 Why: a re-rank at the demo model's sizes is hundreds of small torch operations, and each holds Python's global
 interpreter lock between them. Two search threads in one process (with the event loop as a third) then wait for
-each other: measured on 2 cores, 100-candidate re-ranks ran 277 a second on two threads of one process and 423 a
-second in two processes (docs/benchmarks.md, "Search processes"). A process of its own per search takes the
-lock out of the way; the server's process keeps HTTP, validation, batching, metrics and index reloads, so every
-endpoint, metric and reload behaves as with threads.
+each other: measured on 2 cores, 100-candidate re-ranks ran 218-223 a second on two threads of one process and
+319-336 a second in two processes (benchmarks/search_processes.py; docs/benchmarks.md, "Search processes"). A
+process of its own per search takes the lock out of the way; the server's process keeps HTTP, validation,
+batching, metrics and index reloads, so every endpoint, metric and reload behaves as with threads.
 
 Each worker process loads the model itself (``HAT_MODEL``, checked to have the server's identity) with the query
 encoder precision the server chose, so every process encodes alike, and opens index versions as the batches name
@@ -268,7 +268,11 @@ def _search(model, options, states: OrderedDict, searches: str, key: str, direct
     name = (key, directory)
     state = states.get(name)
     if state is None:
-        index = open_index(Path(directory), expect_identity=model.identity)
+        try:
+            index = open_index(Path(directory), expect_identity=model.identity)
+        except Exception as exc:  # the server opened it: gone since (pruned), or unreadable here
+            raise ServiceError(503, "search_process_failed", f"the search process could not open index version "
+                               f"{key or directory}: {type(exc).__name__}: {exc}") from exc  # fmt: skip
         state = IndexState(index=index, version=str(index.version), key=key, loaded_at=time.time())
         states[name] = state
         while len(states) > OPEN_VERSIONS:

@@ -126,6 +126,8 @@ def test_a_batch_waits_a_bounded_time_for_a_free_process(monkeypatch, index_root
     pool = module.SearchProcesses(config, 1)
     pool.start()
     try:
+        gone = pool.run("search_texts", "v-gone", index_root / "versions" / "v-gone", [(TEXT["query"], None)])
+        assert gone[0].status == 503 and "could not open index version v-gone" in gone[0].message, gone
         monkeypatch.setattr(module, "FREE_TIMEOUT", 0.5)
         monkeypatch.setattr(pool, "_restart", lambda: None)  # the replacement never comes
         os.kill(pool.pids[0], signal.SIGKILL)
