@@ -13,7 +13,6 @@ layout and each caller's median.
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import sys
 import threading
@@ -22,6 +21,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from service_load import read_queries  # noqa: E402 (benchmarks/ is the script's own directory)
 
 
 def _setup(args):
@@ -34,22 +35,14 @@ def _setup(args):
     torch.set_num_threads(1)
     model = load_model(args.model)
     index = open_index(args.index)
-    captions = []
-    for line in args.queries.read_text().splitlines():
-        if line.lstrip().startswith("{"):  # a builder manifest line
-            item = json.loads(line)
-            captions += item.get("captions") or [item.get("caption") or item.get("query")]
-        elif line.strip():  # one query per line
-            captions.append(line.strip())
-        if len(captions) >= 300:
-            break
+    captions = read_queries(args.queries)[:300]
     with torch.inference_mode():
-        levels, lengths = model.encode_text_strings(captions[:300])
+        levels, lengths = model.encode_text_strings(captions)
         vectors = model.global_texts(levels, lengths).numpy().astype(np.float32)
     _, rows = index.search("images", vectors, args.candidates)
 
     def rerank(i: int) -> None:
-        i %= len(captions[:300])
+        i %= len(captions)
         n = int(lengths[i])
         with torch.inference_mode():
             index.rerank_images([t[i : i + 1, :n] for t in levels], n, rows[i])
